@@ -1,0 +1,26 @@
+"""Pure torch normalization math: no sessions, no network.
+
+Everything here is a function of its tensor arguments, tested directly against torch.
+"""
+
+from __future__ import annotations
+
+from normserve.server.ops._batchnorm import (
+    Moments,
+    ema_factor,
+    merge_moments,
+    moments,
+    normalize,
+    reduce_dims,
+    update_running,
+)
+
+__all__ = [
+    "Moments",
+    "ema_factor",
+    "merge_moments",
+    "moments",
+    "normalize",
+    "reduce_dims",
+    "update_running",
+]
