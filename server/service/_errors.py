@@ -1,0 +1,48 @@
+"""The service's error hierarchy; the transport maps each class to one gRPC status in one table.
+
+ServiceError
+ +-- NotFound            a session id that does not exist
+ +-- AlreadyExists       a client-chosen session id that is taken
+ +-- InvalidArgument     a request that can never succeed as sent (names the field)
+ +-- FailedPrecondition  valid, but not in this server's state (e.g. CUDA asked, none here)
+ +-- ResourceExhausted   a server limit (session count) is reached
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExists",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "ServiceError",
+]
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose; its message is safe to show a client."""
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class AlreadyExists(ServiceError):
+    pass
+
+
+class InvalidArgument(ServiceError):
+    """A bad field; the message starts with the field's name and says what was expected."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class FailedPrecondition(ServiceError):
+    pass
+
+
+class ResourceExhausted(ServiceError):
+    pass

@@ -1,0 +1,390 @@
+"""A session: one remote normalization layer, its running statistics, and how calls touch them.
+
+Concurrency model: the state is an immutable snapshot replaced under a per-session lock. A TRAIN call
+computes its batch statistics without the lock, then holds it only to fold them into the running
+statistics (microseconds), so updates are serialized and each is applied exactly once. EVAL calls
+read the current snapshot without locking, so they never wait for each other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+
+from normserve.server import ops
+from normserve.server.service._config import Mode, SessionConfig
+from normserve.server.service._errors import InvalidArgument
+
+__all__ = ["ChunkedBatch", "NormalizeResult", "Session", "SessionState"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """Everything a call may change, as one immutable value."""
+
+    version: int
+    num_batches_tracked: int
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    update_time: float
+
+
+@dataclass(frozen=True)
+class NormalizeResult:
+    """What one normalization returns; the stage times feed the server's metrics."""
+
+    output: torch.Tensor | None
+    mean: torch.Tensor
+    var: torch.Tensor
+    version: int
+    batch_statistics: bool
+    wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+def _describe(shape: torch.Size | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class Session:
+    """A batch-norm session. Thread-safe; see the module docstring for the locking model."""
+
+    def __init__(
+        self,
+        session_id: str,
+        config: SessionConfig,
+        device: torch.device,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.device = device
+        self.create_time = time.time()
+        self._lock = threading.Lock()
+        if config.affine:
+            w0, b0 = weight, bias
+            weight = self._filled(1.0) if w0 is None else self._param(w0, "config.initial_weight")
+            bias = self._filled(0.0) if b0 is None else self._param(b0, "config.initial_bias")
+        elif weight is not None or bias is not None:
+            raise InvalidArgument("config.initial_weight", "needs affine=true")
+        track = config.track_running_stats
+        self._state = SessionState(
+            version=1,
+            num_batches_tracked=0,
+            running_mean=self._filled(0.0) if track else None,
+            running_var=self._filled(1.0) if track else None,
+            weight=weight,
+            bias=bias,
+            update_time=self.create_time,
+        )
+
+    # ---- reading
+
+    @property
+    def state(self) -> SessionState:
+        """The current snapshot (one atomic attribute read; never mutated in place)."""
+        return self._state
+
+    def _filled(self, value: float) -> torch.Tensor:
+        return torch.full(
+            (self.config.num_features,), value, dtype=torch.float32, device=self.device
+        )
+
+    # ---- validation shared by unary and chunked calls
+
+    def _param(self, t: torch.Tensor, field: str, *, nonnegative: bool = False) -> torch.Tensor:
+        c = self.config.num_features
+        if t.dtype not in FLOAT_DTYPES:
+            raise InvalidArgument(field, f"expected a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != (c,):
+            raise InvalidArgument(field, f"expected shape [{c}], got {_describe(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(field, "contains NaN or Inf")
+        if nonnegative and bool((t < 0).any()):
+            raise InvalidArgument(field, "variances must be >= 0")
+        return t.to(device=self.device, dtype=torch.float32)
+
+    def check_input(self, x: torch.Tensor, field: str = "input") -> None:
+        """Rank, channel count and dtype; raises InvalidArgument naming ``field``."""
+        if x.dtype not in FLOAT_DTYPES:
+            raise InvalidArgument(
+                f"{field}.dtype",
+                f"expected float32, float16, bfloat16 or float64, got {str(x.dtype)[6:]}",
+            )
+        if not 2 <= x.dim() <= 5:
+            raise InvalidArgument(
+                f"{field}.shape",
+                f"expected rank 2 to 5 ([N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]), "
+                f"got rank {x.dim()} {_describe(x.shape)}",
+            )
+        c = self.config.num_features
+        if x.shape[1] != c:
+            raise InvalidArgument(
+                f"{field}.shape[1]", f"expected {c} channels (num_features), got {x.shape[1]}"
+            )
+
+    def _check_finite_input(self, x: torch.Tensor, field: str) -> None:
+        if self.config.allow_non_finite:
+            return
+        # One fast reduction; the elementwise scan runs only if the sum is not finite.
+        total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
+            raise InvalidArgument(field, "contains NaN or Inf; nothing was applied")
+
+    def _check_batch(self, m: ops.Moments, field: str, shape: str) -> None:
+        if m.count <= 1:
+            raise InvalidArgument(
+                f"{field}.shape",
+                f"batch statistics need more than 1 value per channel, got input size {shape}",
+            )
+        if not self.config.allow_non_finite and not bool(
+            torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()
+        ):
+            # NaN/Inf in the input make the sums non-finite; so can values too large to square.
+            raise InvalidArgument(
+                field,
+                "contains NaN or Inf (or values too large for float32 statistics); "
+                "nothing was applied",
+            )
+
+    def uses_batch_statistics(self, mode: Mode) -> bool:
+        return mode is Mode.TRAIN or not self.config.track_running_stats
+
+    # ---- the state transition
+
+    def _apply(self, batch: ops.Moments) -> tuple[int, float]:
+        """Folds one batch into the running statistics; returns (version, seconds waited)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            waited = time.perf_counter() - t0
+            s = self._state
+            assert s.running_mean is not None and s.running_var is not None
+            n = s.num_batches_tracked + 1
+            mean, var = ops.update_running(
+                s.running_mean, s.running_var, batch, ops.ema_factor(self.config.momentum, n)
+            )
+            self._state = replace(
+                s,
+                version=s.version + 1,
+                num_batches_tracked=n,
+                running_mean=mean,
+                running_var=var,
+                update_time=time.time(),
+            )
+            return s.version + 1, waited
+
+    def _finish(
+        self,
+        mode: Mode,
+        batch: ops.Moments | None,
+        state: SessionState,
+        statistics_only: bool,
+        inputs: list[torch.Tensor],
+        t_start: float,
+    ) -> tuple[NormalizeResult, list[torch.Tensor]]:
+        waited = 0.0
+        version = state.version
+        if batch is not None:
+            if mode is Mode.TRAIN and self.config.track_running_stats:
+                version, waited = self._apply(batch)
+            mean, var = batch.mean.float(), batch.var.float()
+        else:
+            assert state.running_mean is not None and state.running_var is not None
+            mean, var = state.running_mean, state.running_var
+        outputs: list[torch.Tensor] = []
+        if not statistics_only:
+            eps = self.config.eps
+            outputs = [ops.normalize(x, mean, var, state.weight, state.bias, eps) for x in inputs]
+        if self.device.type == "cuda":
+            # Kernels are asynchronous: wait so compute time is the kernels' time, not the launch's.
+            torch.cuda.synchronize(self.device)
+        compute = time.perf_counter() - t_start - waited
+        result = NormalizeResult(
+            output=None,
+            mean=mean,
+            var=var,
+            version=version,
+            batch_statistics=batch is not None,
+            wait_seconds=waited,
+            compute_seconds=compute,
+        )
+        return result, outputs
+
+    # ---- calls
+
+    def normalize(
+        self, x: torch.Tensor, mode: Mode, statistics_only: bool = False
+    ) -> NormalizeResult:
+        """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first."""
+        t0 = time.perf_counter()
+        self.check_input(x)
+        x = x.to(self.device, non_blocking=False)
+        state = self._state
+        batch = None
+        if self.uses_batch_statistics(mode):
+            batch = ops.moments(x)
+            self._check_batch(batch, "input", _describe(x.shape))
+        else:
+            self._check_finite_input(x, "input")
+        result, outputs = self._finish(mode, batch, state, statistics_only, [x], t0)
+        return replace(result, output=outputs[0] if outputs else None)
+
+    def start_batch(self, mode: Mode, statistics_only: bool = False) -> ChunkedBatch:
+        """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
+        return ChunkedBatch(self, mode, statistics_only)
+
+    def reset(self) -> SessionState:
+        """Running statistics back to mean 0, var 1, 0 batches (weight and bias stay)."""
+        with self._lock:
+            s = self._state
+            if s.running_mean is None:
+                return s  # nothing tracked, nothing to change
+            self._state = replace(
+                s,
+                version=s.version + 1,
+                num_batches_tracked=0,
+                running_mean=self._filled(0.0),
+                running_var=self._filled(1.0),
+                update_time=time.time(),
+            )
+            return self._state
+
+    def state_keys(self) -> list[str]:
+        """torch's state_dict keys for this config, in torch's order."""
+        keys = []
+        if self.config.affine:
+            keys += ["weight", "bias"]
+        if self.config.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def export_state(self) -> tuple[OrderedDict[str, torch.Tensor], int]:
+        """A torch-compatible state_dict (CPU tensors) and the version it was read at."""
+        s = self._state
+        values: dict[str, torch.Tensor | None] = {
+            "weight": s.weight,
+            "bias": s.bias,
+            "running_mean": s.running_mean,
+            "running_var": s.running_var,
+            "num_batches_tracked": torch.tensor(s.num_batches_tracked, dtype=torch.int64),
+        }
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for key in self.state_keys():
+            value = values[key]
+            assert value is not None
+            out[key] = value.detach().cpu()
+        return out, s.version
+
+    def import_state(self, entries: dict[str, torch.Tensor], strict: bool) -> SessionState:
+        """Replaces the state from state_dict entries, all or nothing."""
+        allowed = self.state_keys()
+        for key in entries:
+            if key not in allowed:
+                raise InvalidArgument(
+                    f"entries[{key!r}]",
+                    f"unexpected key; this session's state_dict keys are {allowed}",
+                )
+        missing = [k for k in allowed if k not in entries]
+        if strict and missing:
+            raise InvalidArgument("entries", f"missing keys {missing} (strict import)")
+        new: dict[str, object] = {}
+        for key, value in entries.items():
+            field = f"entries[{key!r}]"
+            if key == "num_batches_tracked":
+                if value.dtype != torch.int64 or value.dim() != 0 or int(value) < 0:
+                    raise InvalidArgument(field, "expected a non-negative int64 scalar")
+                new[key] = int(value)
+            else:
+                new[key] = self._param(value, field, nonnegative=key == "running_var")
+        with self._lock:
+            s = self._state
+            self._state = replace(
+                s,
+                version=s.version + 1,
+                update_time=time.time(),
+                **new,  # type: ignore[arg-type]
+            )
+            return self._state
+
+
+class ChunkedBatch:
+    """One batch arriving in chunks along dim 0 (a stream). Statistics are merged chunk by chunk
+    with Chan's algorithm as they arrive; nothing touches the session until ``finish``, so a batch
+    that fails half-way leaves the session exactly as it was."""
+
+    def __init__(self, session: Session, mode: Mode, statistics_only: bool) -> None:
+        self.session = session
+        self.mode = mode
+        self.statistics_only = statistics_only
+        self._t_compute = 0.0
+        self._first: torch.Tensor | None = None
+        self._rows = 0
+        self._n_chunks = 0
+        self._chunks: list[torch.Tensor] = []
+        self._moments: ops.Moments | None = None
+        self._state = session.state
+        self._batch_stats = session.uses_batch_statistics(mode)
+
+    def add(self, x: torch.Tensor, field: str = "chunk") -> None:
+        """Validates one chunk against the first and folds its statistics in."""
+        t0 = time.perf_counter()
+        s = self.session
+        s.check_input(x, field)
+        first = self._first
+        if first is None:
+            self._first = x
+        else:
+            if x.dtype != first.dtype:
+                raise InvalidArgument(
+                    f"{field}.dtype",
+                    f"chunks of one batch must share a dtype: expected {str(first.dtype)[6:]}, "
+                    f"got {str(x.dtype)[6:]}",
+                )
+            if x.shape[1:] != first.shape[1:]:
+                raise InvalidArgument(
+                    f"{field}.shape",
+                    f"chunks of one batch may differ only in dim 0: expected "
+                    f"[*, {', '.join(str(d) for d in first.shape[1:])}], got {_describe(x.shape)}",
+                )
+        x = x.to(s.device)
+        self._rows += x.shape[0]
+        self._n_chunks += 1
+        if self._batch_stats:
+            m = ops.moments(x) if x.shape[0] else None
+            if m is not None:
+                self._moments = m if self._moments is None else ops.merge_moments(self._moments, m)
+        else:
+            s._check_finite_input(x, field)
+        if not self.statistics_only:
+            self._chunks.append(x)
+        self._t_compute += time.perf_counter() - t0
+
+    def finish(self) -> tuple[NormalizeResult, list[torch.Tensor]]:
+        """Applies the batch (TRAIN) and returns the result and the output chunks, one per input
+        chunk; raises InvalidArgument (nothing applied) if the batch is empty or unusable."""
+        first = self._first
+        if first is None:
+            raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
+        t0 = time.perf_counter()
+        shape = _describe([self._rows, *first.shape[1:]])
+        batch = None
+        if self._batch_stats:
+            empty = ops.Moments(0, torch.zeros(0), torch.zeros(0))
+            batch = self._moments or empty
+            self.session._check_batch(batch, "chunk", shape)
+        result, outputs = self.session._finish(
+            self.mode, batch, self._state, self.statistics_only, self._chunks, t0
+        )
+        self._chunks = []
+        result = replace(result, compute_seconds=result.compute_seconds + self._t_compute)
+        return result, outputs
