@@ -1,0 +1,117 @@
+"""Assembles and runs the gRPC server: servicer, interceptors, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from normserve.server._settings import Settings
+from normserve.server._transport._interceptors import ErrorInterceptor
+from normserve.server._transport._servicer import NormalizerServicer
+from normserve.server.service import SessionManager
+from normserve.v1 import normserve_pb2 as pb
+from normserve.v1 import normserve_pb2_grpc as pb_grpc
+
+__all__ = ["Server", "serve", "start_server"]
+
+log = logging.getLogger("normserve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalizer"].full_name
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Linux's SO_REUSEPORT would let a second server bind a busy port silently.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Server:
+    """A started normserve server in this process. ``port`` is the bound port (useful with :0)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.sessions = SessionManager(settings.device, settings.max_sessions)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=[ErrorInterceptor()],
+            options=channel_options(settings.max_message_bytes),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        )
+        pb_grpc.add_NormalizerServicer_to_server(NormalizerServicer(self.sessions), self._grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        host = settings.address.rsplit(":", 1)[0]
+        self.port = self._grpc.add_insecure_port(settings.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.address}")
+        self.address = f"{host}:{self.port}"
+        self._stopped = threading.Event()
+
+    def start(self) -> Server:
+        self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health turns NOT_SERVING, new calls are refused, calls in flight get ``grace`` seconds."""
+        self.health.enter_graceful_shutdown()
+        self._grpc.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+def start_server(settings: Settings | None = None) -> Server:
+    """Builds and starts a server (returns at once); ``Server.stop`` ends it."""
+    return Server(settings or Settings.from_env()).start()
+
+
+def serve(settings: Settings | None = None) -> int:
+    """Runs a server until SIGTERM or SIGINT, then drains it; returns the process exit code."""
+    settings = settings or Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    server = start_server(settings)
+    log.info(
+        "normserve listening on %s (device %s, %d workers)",
+        server.address,
+        server.sessions.default_device,
+        settings.workers,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: draining (grace %.1fs)", signal.Signals(signum).name, settings.grace_seconds)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop()
+    log.info("stopped")
+    return 0

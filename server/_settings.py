@@ -1,0 +1,90 @@
+"""The server's one settings object: every field documented once, read from flags and NORMSERVE_*."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["Settings"]
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a normserve server runs. ``NORMSERVE_<FIELD>`` environment variables set the defaults,
+    command-line flags (``--field-name``) override them."""
+
+    address: str = _opt(
+        "127.0.0.1:50051",
+        "host:port the gRPC server binds; port 0 picks a free one. Use 0.0.0.0:50051 to serve "
+        "other hosts (the container image does).",
+    )
+    device: str = _opt(
+        "auto", "default device for sessions: auto (cuda if present, else cpu), cpu, cuda, cuda:N"
+    )
+    workers: int = _opt(16, "threads that run RPCs; each open stream holds one")
+    max_concurrent_rpcs: int = _opt(
+        256, "calls in flight before new ones get RESOURCE_EXHAUSTED (0: no limit)"
+    )
+    max_message_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "largest gRPC message accepted or sent; larger batches must be streamed in chunks",
+    )
+    max_sessions: int = _opt(10_000, "sessions this server holds at most")
+    grace_seconds: float = _opt(
+        10.0, "on SIGTERM/SIGINT, how long calls in flight may take to finish"
+    )
+    torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then NORMSERVE_* variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"NORMSERVE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One ``--flag`` per field; unset flags leave the env/default value."""
+        for f in fields(cls):
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_type(f),
+                default=None,
+                help=f"{f.metadata['help']} (env NORMSERVE_{f.name.upper()}; default: {f.default})",
+            )
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        given = {f.name: getattr(args, f.name) for f in fields(cls)}
+        return cls.from_env(environ, **{k: v for k, v in given.items() if v is not None})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _type(f: dataclasses.Field[Any]) -> Any:
+    return {"int": int, "float": float}.get(str(f.type), str)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    try:
+        return _type(f)(raw)
+    except ValueError:
+        raise SystemExit(f"NORMSERVE_{f.name.upper()}={raw!r}: expected {f.type}") from None

@@ -1,0 +1,137 @@
+"""Conversions between normserve.v1 messages and the service's plain types, in one place."""
+
+from __future__ import annotations
+
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from normserve._codec import tensor_from_proto, tensor_to_proto
+from normserve.server.service import (
+    InvalidArgument,
+    Kind,
+    Mode,
+    NormalizeResult,
+    Session,
+    SessionConfig,
+    SessionState,
+)
+from normserve.v1 import normserve_pb2 as pb
+
+_KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM, pb.NORM_KIND_BATCH_NORM: Kind.BATCH_NORM}
+_KINDS_OUT = {Kind.BATCH_NORM: pb.NORM_KIND_BATCH_NORM}
+_MODES: dict[int, Mode] = {pb.MODE_TRAIN: Mode.TRAIN, pb.MODE_EVAL: Mode.EVAL}
+
+
+def mode(value: int, field: str = "mode") -> Mode:
+    try:
+        return _MODES[value]
+    except KeyError:
+        got = pb.Mode.Name(value) if value in pb.Mode.values() else str(value)
+        raise InvalidArgument(field, f"expected MODE_TRAIN or MODE_EVAL, got {got}") from None
+
+
+def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, torch.Tensor | None]:
+    """A SessionConfig message -> (config, initial weight, initial bias)."""
+    kind = _KINDS.get(msg.kind)
+    if kind is None:
+        got = pb.NormKind.Name(msg.kind) if msg.kind in pb.NormKind.values() else str(msg.kind)
+        raise InvalidArgument(
+            "config.kind", f"unsupported kind {got}; this server implements NORM_KIND_BATCH_NORM"
+        )
+    cfg = SessionConfig(
+        num_features=msg.num_features,
+        eps=msg.eps if msg.HasField("eps") else 1e-5,
+        momentum=msg.momentum if msg.HasField("momentum") else None,
+        affine=msg.affine if msg.HasField("affine") else True,
+        track_running_stats=msg.track_running_stats
+        if msg.HasField("track_running_stats")
+        else True,
+        allow_non_finite=msg.allow_non_finite,
+        device=msg.device or "auto",
+        kind=kind,
+    )
+    weight = (
+        tensor_from_proto(msg.initial_weight, "config.initial_weight")
+        if msg.HasField("initial_weight")
+        else None
+    )
+    bias = (
+        tensor_from_proto(msg.initial_bias, "config.initial_bias")
+        if msg.HasField("initial_bias")
+        else None
+    )
+    return cfg, weight, bias
+
+
+def _config_out(cfg: SessionConfig) -> pb.SessionConfig:
+    msg = pb.SessionConfig(
+        kind=_KINDS_OUT[cfg.kind],
+        num_features=cfg.num_features,
+        eps=cfg.eps,
+        affine=cfg.affine,
+        track_running_stats=cfg.track_running_stats,
+        device=cfg.device,
+        allow_non_finite=cfg.allow_non_finite,
+    )
+    if cfg.momentum is not None:
+        msg.momentum = cfg.momentum
+    return msg
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def session(s: Session, with_tensors: bool = True, state: SessionState | None = None) -> pb.Session:
+    st = s.state if state is None else state
+    msg = pb.Session(
+        session_id=s.session_id,
+        config=_config_out(s.config),
+        device=str(s.device),
+        version=st.version,
+        num_batches_tracked=st.num_batches_tracked,
+        create_time=_timestamp(s.create_time),
+        update_time=_timestamp(st.update_time),
+    )
+    if with_tensors:
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            value = getattr(st, name)
+            if value is not None:
+                tensor_to_proto(value, getattr(msg, name))
+    return msg
+
+
+def state_entries(entries: list[pb.NamedTensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, entry in enumerate(entries):
+        if entry.name in out:
+            raise InvalidArgument(f"entries[{i}].name", f"duplicate key {entry.name!r}")
+        out[entry.name] = tensor_from_proto(entry.tensor, f"entries[{entry.name!r}].tensor")
+    return out
+
+
+def export_response(state: dict[str, torch.Tensor], version: int) -> pb.ExportStateResponse:
+    return pb.ExportStateResponse(
+        entries=[pb.NamedTensor(name=k, tensor=tensor_to_proto(v)) for k, v in state.items()],
+        version=version,
+    )
+
+
+def normalize_response(result: NormalizeResult) -> pb.NormalizeResponse:
+    msg = pb.NormalizeResponse(version=result.version, batch_statistics=result.batch_statistics)
+    tensor_to_proto(result.mean, msg.mean)
+    tensor_to_proto(result.var, msg.var)
+    if result.output is not None:
+        tensor_to_proto(result.output, msg.output)
+    return msg
+
+
+def stream_header(result: NormalizeResult, batch_index: int) -> pb.NormalizeStreamResponse:
+    msg = pb.NormalizeStreamResponse(
+        batch_index=batch_index, version=result.version, batch_statistics=result.batch_statistics
+    )
+    tensor_to_proto(result.mean, msg.mean)
+    tensor_to_proto(result.var, msg.var)
+    return msg

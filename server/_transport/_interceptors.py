@@ -1,0 +1,113 @@
+"""Server interceptors: the one table from domain error to gRPC status, and handler wrapping.
+
+The error interceptor is the only place where exceptions become statuses. A ``ServiceError`` or a
+malformed tensor keeps its message (it was written for the client); anything else is a bug: logged
+with its traceback and answered INTERNAL with a generic message, never leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from normserve._codec import TensorFormatError
+from normserve.server.service import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
+
+__all__ = ["ERROR_STATUS", "ErrorInterceptor", "status_for", "wrap_handler"]
+
+log = logging.getLogger("normserve.server")
+
+#: Domain error -> status. The most specific class in an exception's MRO wins.
+ERROR_STATUS: dict[type[BaseException], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ServiceError: grpc.StatusCode.UNKNOWN,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and client-safe message for an exception."""
+    for cls in type(exc).__mro__:
+        code = ERROR_STATUS.get(cls)
+        if code is not None:
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error; the server logged the cause"
+
+
+Behavior = Callable[..., Any]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Behavior], Behavior],
+    streaming: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behavior is wrapped: ``unary`` for the kinds that return one
+    response, ``streaming`` for those that return an iterator."""
+    ser = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **ser)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **ser)
+
+
+def _abort(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("unexpected error in %s", method, exc_info=exc)
+    context.abort(code, message)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns exceptions into statuses through ``ERROR_STATUS``."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def unary(fn: Behavior) -> Behavior:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return fn(request, context)
+                except Exception as exc:
+                    _abort(exc, context, method)
+
+            return behavior
+
+        def streaming(fn: Behavior) -> Behavior:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from fn(request, context)
+                except Exception as exc:
+                    _abort(exc, context, method)
+
+            return behavior
+
+        return wrap_handler(handler, unary, streaming)
