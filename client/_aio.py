@@ -1,0 +1,184 @@
+"""The asyncio client: the same methods as ``Client``, awaitable."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from normserve.client import _common as c
+from normserve.client._errors import from_rpc_error
+from normserve.client._sync import channel_options
+from normserve.v1 import normserve_pb2 as pb
+from normserve.v1 import normserve_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
+_DEFAULT: Any = object()
+
+
+class AsyncClient:
+    """An asyncio connection to a normserve server; see ``Client`` for the semantics.
+
+    Every method takes a per-call ``timeout`` in seconds (default: the client's). Failures raise
+    ``NormserveError`` subclasses carrying the gRPC status code and the server's message. Batches
+    larger than ``chunk_bytes`` are streamed in chunks transparently.
+
+    >>> async with AsyncClient("127.0.0.1:50051") as client:
+    ...     s = await client.create_session(64)
+    ...     y = (await client.normalize(s.session_id, torch.randn(32, 64, 8, 8))).output
+    """
+
+    def __init__(
+        self,
+        target: str = c.DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        chunk_bytes: int = c.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = c.DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        opts = channel_options(max_message_bytes, options)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.NormalizerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ---- plumbing
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: Any) -> T:
+        try:
+            return await method(request, timeout=self.timeout if timeout is _DEFAULT else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- sessions
+
+    async def create_session(
+        self, num_features: int, *, timeout: Any = _DEFAULT, **config: Any
+    ) -> c.SessionInfo:
+        """Creates a session. ``config``: session_id, eps, momentum (None: cumulative average),
+        affine, track_running_stats, weight, bias, device, allow_non_finite."""
+        req = c.create_request(num_features, **config)
+        return c.session_info((await self._call(self._stub.CreateSession, req, timeout)).session)
+
+    async def get_session(
+        self, session_id: str, *, tensors: bool = True, timeout: Any = _DEFAULT
+    ) -> c.SessionInfo:
+        req = pb.GetSessionRequest(session_id=session_id, omit_tensors=not tensors)
+        return c.session_info((await self._call(self._stub.GetSession, req, timeout)).session)
+
+    async def list_sessions(
+        self, *, page_size: int = 0, timeout: Any = _DEFAULT
+    ) -> list[c.SessionInfo]:
+        """Every session (all pages), without tensors."""
+        out: list[c.SessionInfo] = []
+        token = ""
+        while True:
+            req = pb.ListSessionsRequest(page_size=page_size, page_token=token)
+            resp = await self._call(self._stub.ListSessions, req, timeout)
+            out += [c.session_info(s) for s in resp.sessions]
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def delete_session(self, session_id: str, *, timeout: Any = _DEFAULT) -> None:
+        await self._call(
+            self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), timeout
+        )
+
+    async def reset_session(self, session_id: str, *, timeout: Any = _DEFAULT) -> c.SessionInfo:
+        req = pb.ResetSessionRequest(session_id=session_id)
+        return c.session_info((await self._call(self._stub.ResetSession, req, timeout)).session)
+
+    async def export_state(
+        self, session_id: str, *, timeout: Any = _DEFAULT
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The session's state_dict, loadable by ``torch.nn.BatchNorm*d.load_state_dict``."""
+        req = pb.ExportStateRequest(session_id=session_id)
+        return c.state_dict(await self._call(self._stub.ExportState, req, timeout))
+
+    async def import_state(
+        self,
+        session_id: str,
+        state: Mapping[str, c.ArrayLike],
+        *,
+        strict: bool = True,
+        timeout: Any = _DEFAULT,
+    ) -> c.SessionInfo:
+        req = c.import_request(session_id, state, strict)
+        return c.session_info((await self._call(self._stub.ImportState, req, timeout)).session)
+
+    # ---- normalization
+
+    async def normalize(
+        self,
+        session_id: str,
+        x: c.ArrayLike,
+        *,
+        mode: c.ModeName = "train",
+        statistics_only: bool = False,
+        timeout: Any = _DEFAULT,
+    ) -> c.NormalizeResult:
+        """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
+        t = c.as_tensor(x)
+        if not c.fits_unary(t, self.chunk_bytes):
+            async for result in self.normalize_stream(
+                session_id, [x], mode=mode, statistics_only=statistics_only, timeout=timeout
+            ):
+                return result
+            raise AssertionError("the stream ended without an answer")
+        req = c.normalize_request(session_id, t, mode, statistics_only)
+        return c.normalize_result(
+            await self._call(self._stub.Normalize, req, timeout), c._Like.of(x)
+        )
+
+    async def normalize_stream(
+        self,
+        session_id: str,
+        batches: Iterable[c.ArrayLike],
+        *,
+        mode: c.ModeName = "train",
+        statistics_only: bool = False,
+        timeout: Any = _DEFAULT,
+    ) -> AsyncIterator[c.NormalizeResult]:
+        """Normalizes many batches on one stream; yields their results in order."""
+        plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        try:
+            call = self._stub.NormalizeStream(plan.requests(batches), timeout=timeout)
+            async for msg in call:
+                result = plan.feed(msg)
+                if result is not None:
+                    yield result
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    # ---- health
+
+    async def health(self, service: str = "", *, timeout: Any = _DEFAULT) -> str:
+        """The health service's status: "SERVING", "NOT_SERVING", ..."""
+        req = health_pb2.HealthCheckRequest(service=service)
+        status = (await self._call(self._health.Check, req, timeout)).status
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)

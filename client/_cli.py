@@ -1,0 +1,213 @@
+"""The ``normserve`` command: ``serve`` runs a server; ``session ...`` and ``health`` operate one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from normserve import __version__
+from normserve.client._common import DEFAULT_TARGET, SessionInfo
+from normserve.client._errors import NormserveError
+from normserve.client._sync import Client
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from normserve.server import Settings, serve  # the server's deps load only for `serve`
+
+    return serve(Settings.from_args(args))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout)
+
+
+def _print_session(info: SessionInfo, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+    momentum = "cumulative" if info.momentum is None else f"{info.momentum:g}"
+    print(f"session      {info.session_id}")
+    print(f"features     {info.num_features}")
+    print(f"eps          {info.eps:g}")
+    print(f"momentum     {momentum}")
+    print(f"affine       {str(info.affine).lower()}")
+    print(f"track stats  {str(info.track_running_stats).lower()}")
+    print(f"device       {info.device}")
+    print(f"version      {info.version}")
+    print(f"batches      {info.num_batches_tracked}")
+    print(f"created      {info.create_time.isoformat(timespec='seconds')}")
+    print(f"updated      {info.update_time.isoformat(timespec='seconds')}")
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = getattr(info, name)
+        if value is not None:
+            shown = ", ".join(f"{v:.6g}" for v in value[:8].tolist())
+            more = f", ... ({value.numel()} values)" if value.numel() > 8 else ""
+            print(f"{name:<12} [{shown}{more}]")
+
+
+def _create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.create_session(
+            args.num_features,
+            session_id=args.id,
+            eps=args.eps,
+            momentum=None if args.cumulative else args.momentum,
+            affine=not args.no_affine,
+            track_running_stats=not args.no_track_running_stats,
+            device=args.device,
+            allow_non_finite=args.allow_non_finite,
+        )
+    if args.json:
+        _print_session(info, True)
+    else:
+        print(info.session_id)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sessions = client.list_sessions()
+    if args.json:
+        print(json.dumps([s.to_dict() for s in sessions], indent=2))
+        return 0
+    print(f"{'SESSION':<34} {'FEATURES':>8} {'DEVICE':<8} {'VERSION':>8} {'BATCHES':>8}")
+    for s in sessions:
+        print(
+            f"{s.session_id:<34} {s.num_features:>8} {s.device:<8} {s.version:>8} "
+            f"{s.num_batches_tracked:>8}"
+        )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_session(client.get_session(args.session_id), args.json)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_session(args.session_id)
+    print(f"deleted {args.session_id}")
+    return 0
+
+
+def _reset(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_session(client.reset_session(args.session_id), args.json)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    with _client(args) as client:
+        state = client.export_state(args.session_id)
+    if args.output:
+        torch.save(state, args.output)
+        print(f"wrote {', '.join(state)} to {args.output} (torch.load + load_state_dict)")
+    else:
+        print(json.dumps({k: v.tolist() for k, v in state.items()}, indent=2))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import torch
+
+    state = torch.load(args.file, map_location="cpu", weights_only=True)
+    with _client(args) as client:
+        info = client.import_state(args.session_id, state, strict=not args.no_strict)
+    print(f"imported {', '.join(state)} into {info.session_id} (version {info.version})")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from normserve.server._settings import Settings
+
+    p = argparse.ArgumentParser(prog="normserve", description="Normalization as a service.")
+    p.add_argument("--version", action="version", version=f"normserve {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a server (until SIGTERM/SIGINT)")
+    Settings.add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--target",
+        default=os.environ.get("NORMSERVE_TARGET", DEFAULT_TARGET),
+        help=f"server host:port (env NORMSERVE_TARGET; default {DEFAULT_TARGET})",
+    )
+    remote.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    remote.add_argument("--json", action="store_true", help="machine-readable output")
+
+    health = sub.add_parser("health", parents=[remote], help="ask the gRPC health service")
+    health.add_argument("--service", default="", help="service name ('' for the server)")
+    health.set_defaults(func=_health)
+
+    session = sub.add_parser("session", help="manage sessions")
+    ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+
+    create = ssub.add_parser("create", parents=[remote], help="create a batch-norm session")
+    create.add_argument("num_features", type=int, help="channels (dim 1 of every input)")
+    create.add_argument("--id", default="", help="session id (default: the server picks one)")
+    create.add_argument("--eps", type=float, default=1e-5)
+    create.add_argument("--momentum", type=float, default=0.1)
+    create.add_argument(
+        "--cumulative", action="store_true", help="cumulative average (torch's momentum=None)"
+    )
+    create.add_argument("--no-affine", action="store_true")
+    create.add_argument("--no-track-running-stats", action="store_true")
+    create.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
+    create.add_argument("--allow-non-finite", action="store_true", help="accept NaN/Inf inputs")
+    create.set_defaults(func=_create)
+
+    ls = ssub.add_parser("list", parents=[remote], help="list sessions")
+    ls.set_defaults(func=_list)
+
+    actions: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("show", "config, statistics and version of a session", _show),
+        ("delete", "delete a session", _delete),
+        ("reset", "reset running statistics to mean 0, var 1", _reset),
+    ]
+    for name, help_, func in actions:
+        action = ssub.add_parser(name, parents=[remote], help=help_)
+        action.add_argument("session_id")
+        action.set_defaults(func=func)
+
+    export = ssub.add_parser("export", parents=[remote], help="export the state_dict")
+    export.add_argument("session_id")
+    export.add_argument("-o", "--output", help="write a torch file here (default: JSON to stdout)")
+    export.set_defaults(func=_export)
+
+    imp = ssub.add_parser("import", parents=[remote], help="import a state_dict torch file")
+    imp.add_argument("session_id")
+    imp.add_argument("file")
+    imp.add_argument("--no-strict", action="store_true", help="allow missing keys")
+    imp.set_defaults(func=_import)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args: Any = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NormserveError as err:
+        print(f"normserve: {err.code.name}: {err.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"normserve: {err}", file=sys.stderr)
+        return 1

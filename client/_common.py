@@ -1,0 +1,287 @@
+"""What the sync and asyncio clients share: result types, request building, chunking, assembly.
+
+Both clients are thin shells over these functions, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from normserve._codec import tensor_from_proto, tensor_to_proto
+from normserve.v1 import normserve_pb2 as pb
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "ArrayLike",
+    "ModeName",
+    "NormalizeResult",
+    "SessionInfo",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+#: Chunks of 1 MiB keep every message far below gRPC's 4 MiB default and serialize fastest.
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+ArrayLike = torch.Tensor | np.ndarray
+ModeName = Literal["train", "eval"]
+_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as the server reported it. Tensors are None when absent or not asked for."""
+
+    session_id: str
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    allow_non_finite: bool
+    device: str
+    version: int
+    num_batches_tracked: int
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (tensors as lists)."""
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            elif isinstance(value, dt.datetime):
+                value = value.isoformat()
+            out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class NormalizeResult:
+    """One normalized batch: ``output`` (same type, shape, dtype and device as the input; None with
+    statistics_only), the per-channel ``mean``/``var`` used, and the session ``version`` after it."""
+
+    output: Any
+    mean: torch.Tensor
+    var: torch.Tensor
+    version: int
+    batch_statistics: bool
+
+
+def mode_value(mode: ModeName | str) -> int:
+    try:
+        return _MODES[str(mode).lower()]
+    except KeyError:
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}") from None
+
+
+def as_tensor(x: ArrayLike) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _optional(msg: Any, field: str) -> torch.Tensor | None:
+    return tensor_from_proto(getattr(msg, field), field).clone() if msg.HasField(field) else None
+
+
+def session_info(msg: pb.Session) -> SessionInfo:
+    cfg = msg.config
+    return SessionInfo(
+        session_id=msg.session_id,
+        num_features=cfg.num_features,
+        eps=cfg.eps,
+        momentum=cfg.momentum if cfg.HasField("momentum") else None,
+        affine=cfg.affine,
+        track_running_stats=cfg.track_running_stats,
+        allow_non_finite=cfg.allow_non_finite,
+        device=msg.device,
+        version=msg.version,
+        num_batches_tracked=msg.num_batches_tracked,
+        running_mean=_optional(msg, "running_mean"),
+        running_var=_optional(msg, "running_var"),
+        weight=_optional(msg, "weight"),
+        bias=_optional(msg, "bias"),
+        create_time=msg.create_time.ToDatetime(dt.UTC),
+        update_time=msg.update_time.ToDatetime(dt.UTC),
+    )
+
+
+def create_request(
+    num_features: int,
+    *,
+    session_id: str = "",
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    device: str = "",
+    allow_non_finite: bool = False,
+) -> pb.CreateSessionRequest:
+    cfg = pb.SessionConfig(
+        kind=pb.NORM_KIND_BATCH_NORM,
+        num_features=num_features,
+        eps=eps,
+        affine=affine,
+        track_running_stats=track_running_stats,
+        device=device,
+        allow_non_finite=allow_non_finite,
+    )
+    if momentum is not None:
+        cfg.momentum = momentum
+    if weight is not None:
+        tensor_to_proto(as_tensor(weight).float(), cfg.initial_weight)
+    if bias is not None:
+        tensor_to_proto(as_tensor(bias).float(), cfg.initial_bias)
+    return pb.CreateSessionRequest(session_id=session_id, config=cfg)
+
+
+def import_request(
+    session_id: str, state: Mapping[str, ArrayLike], strict: bool
+) -> pb.ImportStateRequest:
+    entries = [
+        pb.NamedTensor(name=key, tensor=tensor_to_proto(as_tensor(value)))
+        for key, value in state.items()
+    ]
+    return pb.ImportStateRequest(session_id=session_id, entries=entries, strict=strict)
+
+
+def state_dict(msg: pb.ExportStateResponse) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((e.name, tensor_from_proto(e.tensor, e.name).clone()) for e in msg.entries)
+
+
+# ---- normalization: how a batch of the caller's type comes back as the same type
+
+
+@dataclass(frozen=True)
+class _Like:
+    """What the caller sent, so the output can be given back in kind."""
+
+    numpy: bool
+    device: torch.device
+
+    @staticmethod
+    def of(x: ArrayLike) -> _Like:
+        if isinstance(x, np.ndarray):
+            return _Like(True, torch.device("cpu"))
+        return _Like(False, x.device)
+
+    def give(self, t: torch.Tensor | None) -> Any:
+        if t is None:
+            return None
+        if self.numpy:
+            return t.numpy()
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+
+def fits_unary(x: torch.Tensor, chunk_bytes: int) -> bool:
+    return x.numel() * x.element_size() <= chunk_bytes
+
+
+def normalize_request(
+    session_id: str, x: torch.Tensor, mode: ModeName | str, statistics_only: bool
+) -> pb.NormalizeRequest:
+    req = pb.NormalizeRequest(session_id=session_id, statistics_only=statistics_only)
+    req.mode = mode_value(mode)  # type: ignore[assignment]
+    tensor_to_proto(x, req.input)
+    return req
+
+
+def _out(msg: pb.Tensor, field: str) -> torch.Tensor:
+    # The view keeps the received bytes alive; clone makes the tensor writable and independent.
+    return tensor_from_proto(msg, field).clone()
+
+
+def normalize_result(msg: pb.NormalizeResponse, like: _Like) -> NormalizeResult:
+    return NormalizeResult(
+        output=like.give(_out(msg.output, "output") if msg.HasField("output") else None),
+        mean=_out(msg.mean, "mean"),
+        var=_out(msg.var, "var"),
+        version=msg.version,
+        batch_statistics=msg.batch_statistics,
+    )
+
+
+def rows_per_chunk(x: torch.Tensor, chunk_bytes: int) -> int:
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 1
+    return max(1, chunk_bytes // max(row_bytes, 1))
+
+
+class StreamPlan:
+    """Turns batches into chunk requests and answers back into results, for one stream.
+
+    The request side records, per batch, how to give the output back; answers come in batch order,
+    so the response side pops those records in the same order.
+    """
+
+    def __init__(
+        self, session_id: str, mode: ModeName | str, statistics_only: bool, chunk_bytes: int
+    ) -> None:
+        self.session_id = session_id
+        self.mode = mode_value(mode)
+        self.statistics_only = statistics_only
+        self.chunk_bytes = chunk_bytes
+        self._likes: deque[_Like] = deque()
+        self._chunks: list[torch.Tensor] = []
+        self._header: pb.NormalizeStreamResponse | None = None
+
+    def requests(self, batches: Iterable[ArrayLike]) -> Iterator[pb.NormalizeStreamRequest]:
+        for batch in batches:
+            x = as_tensor(batch)
+            if x.dim() == 0:
+                raise ValueError("a batch must have at least 2 dimensions ([N, C, ...])")
+            self._likes.append(_Like.of(batch))
+            yield from self.batch_requests(x)
+
+    def batch_requests(self, x: torch.Tensor) -> Iterator[pb.NormalizeStreamRequest]:
+        rows = rows_per_chunk(x, self.chunk_bytes)
+        n = x.shape[0]
+        starts = list(range(0, n, rows)) or [0]
+        for i, start in enumerate(starts):
+            req = pb.NormalizeStreamRequest(end_of_batch=i == len(starts) - 1)
+            if i == 0:
+                req.session_id = self.session_id
+                req.mode = self.mode  # type: ignore[assignment]
+                req.statistics_only = self.statistics_only
+            tensor_to_proto(x[start : start + rows], req.chunk)
+            yield req
+
+    def feed(self, msg: pb.NormalizeStreamResponse) -> NormalizeResult | None:
+        """Takes one answer message; returns a result when a batch is complete."""
+        if self._header is None:
+            self._header = msg
+        if msg.HasField("chunk"):
+            self._chunks.append(tensor_from_proto(msg.chunk, "chunk"))
+        if not msg.end_of_batch:
+            return None
+        head, chunks = self._header, self._chunks
+        self._header, self._chunks = None, []
+        like = self._likes.popleft() if self._likes else _Like(False, torch.device("cpu"))
+        output = None
+        if chunks:
+            output = torch.cat(chunks) if len(chunks) > 1 else chunks[0].clone()
+        return NormalizeResult(
+            output=like.give(output),
+            mean=_out(head.mean, "mean"),
+            var=_out(head.var, "var"),
+            version=head.version,
+            batch_statistics=head.batch_statistics,
+        )

@@ -1,0 +1,117 @@
+"""The sync and asyncio clients: same methods, same results, the project's own errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from normserve.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NormserveError,
+    NotFoundError,
+    UnavailableError,
+)
+from normserve.server import Server
+
+PUBLIC = [
+    "create_session",
+    "get_session",
+    "list_sessions",
+    "delete_session",
+    "reset_session",
+    "export_state",
+    "import_state",
+    "normalize",
+    "normalize_stream",
+    "health",
+    "close",
+]
+
+
+def test_sync_and_async_share_method_names() -> None:
+    for name in PUBLIC:
+        assert hasattr(Client, name) and hasattr(AsyncClient, name), name
+
+
+def test_numpy_in_numpy_out(client: Client) -> None:
+    sid = client.create_session(3).session_id
+    x = np.random.default_rng(0).normal(size=(6, 3, 4)).astype(np.float32)
+    r = client.normalize(sid, x)
+    assert isinstance(r.output, np.ndarray) and r.output.dtype == np.float32
+    ref = torch.nn.BatchNorm1d(3)(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(r.output, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_round_trip(client: Client, dtype: torch.dtype) -> None:
+    sid = client.create_session(4).session_id
+    x = torch.randn(8, 4, 3).to(dtype)
+    r = client.normalize(sid, x)
+    assert r.output.dtype == dtype and r.mean.dtype == torch.float32
+    bn = torch.nn.BatchNorm1d(4)
+    if dtype == torch.float64:
+        bn = bn.double()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+    torch.testing.assert_close(r.output, bn(x).detach(), atol=tol, rtol=tol)
+
+
+def test_errors_are_normserve_errors(client: Client) -> None:
+    with pytest.raises(NotFoundError) as info:
+        client.get_session("nope")
+    assert info.value.code is grpc.StatusCode.NOT_FOUND
+    assert info.value.message == "session 'nope' not found"
+    assert not isinstance(info.value, grpc.RpcError)
+    sid = client.create_session(2).session_id
+    with pytest.raises(InvalidArgumentError, match=r"input.shape\[1\]: expected 2 channels"):
+        client.normalize(sid, torch.randn(3, 5))
+    with pytest.raises(InvalidArgumentError, match=r"chunk.shape\[1\]: expected 2 channels"):
+        list(client.normalize_stream(sid, [torch.randn(3, 5)]))
+
+
+def test_per_call_timeout(client: Client) -> None:
+    sid = client.create_session(2).session_id
+
+    def slow():  # the server waits for a batch that arrives after the deadline
+        time.sleep(1.0)
+        yield torch.randn(4, 2)
+
+    with pytest.raises(DeadlineExceededError):
+        list(client.normalize_stream(sid, slow(), timeout=0.2))
+    assert client.get_session(sid).num_batches_tracked == 0
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with Client("127.0.0.1:1", timeout=2) as c, pytest.raises(UnavailableError):
+        c.list_sessions()
+
+
+def test_async_client_matches_sync(server: Server, client: Client) -> None:
+    x = torch.randn(40, 3, 64, 64)  # 1.9 MB: streamed in chunks by both clients
+
+    async def run() -> tuple[torch.Tensor, int, list[int]]:
+        async with AsyncClient(server.address) as ac:
+            sid = (await ac.create_session(3, session_id="aio")).session_id
+            r = await ac.normalize(sid, x)
+            versions = [res.version async for res in ac.normalize_stream(sid, [x[:4], x[4:9]])]
+            with pytest.raises(NotFoundError, match="session 'zz' not found"):
+                await ac.get_session("zz")
+            assert await ac.health() == "SERVING"
+            return r.output, (await ac.get_session(sid)).num_batches_tracked, versions
+
+    out, batches, versions = asyncio.run(run())
+    sid = client.create_session(3).session_id
+    torch.testing.assert_close(out, client.normalize(sid, x).output)
+    assert batches == 3 and versions == [3, 4]
+
+
+def test_base_error_carries_code() -> None:
+    err = NormserveError(grpc.StatusCode.INTERNAL, "boom")
+    assert str(err) == "INTERNAL: boom"
