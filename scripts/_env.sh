@@ -15,8 +15,10 @@ stamp="$VENV/.normserve-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing $TORCH_SPEC and normserve[dev] into $VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  # (this machine's pip config names local mirror folders that may be absent: drop that noise)
+  quiet() { "$@" 2> >(grep -v 'is neither a file nor a directory' >&2); }
+  quiet "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
+  quiet "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
