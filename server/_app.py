@@ -12,9 +12,13 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from normserve.server._logging import configure_logging
+from normserve.server._metrics import Metrics, MetricsHTTPServer
 from normserve.server._settings import Settings
 from normserve.server._transport._interceptors import ErrorInterceptor
+from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
 from normserve.server._transport._servicer import NormalizerServicer
 from normserve.server.service import SessionManager
 from normserve.v1 import normserve_pb2 as pb
@@ -36,20 +40,25 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class Server:
-    """A started normserve server in this process. ``port`` is the bound port (useful with :0)."""
+    """A started normserve server in this process. ``port`` is the bound port (useful with :0);
+    ``metrics`` holds its Prometheus collectors (on ``registry``, or a fresh one)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.sessions = SessionManager(settings.device, settings.max_sessions)
+        self.metrics = Metrics(registry)
+        self.metrics.track_sessions(lambda: len(self.sessions))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[ErrorInterceptor()],
+            # outermost first: observability sees the status the error table chose
+            interceptors=[ObservabilityInterceptor(self.metrics), ErrorInterceptor()],
             options=channel_options(settings.max_message_bytes),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
-        pb_grpc.add_NormalizerServicer_to_server(NormalizerServicer(self.sessions), self._grpc)
+        servicer = NormalizerServicer(self.sessions, StageRecorder(self.metrics))
+        pb_grpc.add_NormalizerServicer_to_server(servicer, self._grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -61,8 +70,15 @@ class Server:
             raise OSError(f"could not bind {settings.address}")
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
+        self.metrics_server: MetricsHTTPServer | None = None
+        self.metrics_address = ""
 
     def start(self) -> Server:
+        if self.settings.metrics_address not in ("", "off"):
+            self.metrics_server = MetricsHTTPServer(
+                self.settings.metrics_address, self.metrics.registry
+            )
+            self.metrics_address = self.metrics_server.address
         self._grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -72,6 +88,8 @@ class Server:
         """Health turns NOT_SERVING, new calls are refused, calls in flight get ``grace`` seconds."""
         self.health.enter_graceful_shutdown()
         self._grpc.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -84,24 +102,24 @@ class Server:
         self.stop(0)
 
 
-def start_server(settings: Settings | None = None) -> Server:
+def start_server(
+    settings: Settings | None = None, registry: CollectorRegistry | None = None
+) -> Server:
     """Builds and starts a server (returns at once); ``Server.stop`` ends it."""
-    return Server(settings or Settings.from_env()).start()
+    return Server(settings or Settings.from_env(), registry).start()
 
 
 def serve(settings: Settings | None = None) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it; returns the process exit code."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     server = start_server(settings)
     log.info(
-        "normserve listening on %s (device %s, %d workers)",
+        "normserve listening on %s (device %s, %d workers; metrics on %s)",
         server.address,
         server.sessions.default_device,
         settings.workers,
+        server.metrics_address or "off",
     )
     stop = threading.Event()
 

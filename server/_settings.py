@@ -41,8 +41,14 @@ class Settings:
     grace_seconds: float = _opt(
         10.0, "on SIGTERM/SIGINT, how long calls in flight may take to finish"
     )
+    metrics_address: str = _opt(
+        "127.0.0.1:9464",
+        "host:port serving Prometheus /metrics (port 0 picks one; 'off' disables). The container "
+        "image uses 0.0.0.0:9464.",
+    )
     torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt("plain", "plain or json (one JSON object per line)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

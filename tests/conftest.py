@@ -17,7 +17,9 @@ torch.manual_seed(0)
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = start_server(Settings(address="127.0.0.1:0", device="cpu", workers=16))
+    srv = start_server(
+        Settings(address="127.0.0.1:0", metrics_address="127.0.0.1:0", device="cpu", workers=16)
+    )
     yield srv
     srv.stop(0)
 

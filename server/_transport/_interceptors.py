@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from normserve._codec import TensorFormatError
+from normserve.server._transport._context import current_request_id
 from normserve.server.service import (
     AlreadyExists,
     FailedPrecondition,
@@ -55,12 +56,14 @@ def wrap_handler(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[Behavior], Behavior],
     streaming: Callable[[Behavior], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+    response_serializer: Callable[[Any], bytes] | None = None,
 ) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` whose behavior is wrapped: ``unary`` for the kinds that return one
-    response, ``streaming`` for those that return an iterator."""
+    response, ``streaming`` for those that return an iterator; (de)serializers optionally replaced."""
     ser = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
+        "response_serializer": response_serializer or handler.response_serializer,
     }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **ser)
@@ -74,24 +77,37 @@ def wrap_handler(
 
 def _abort(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     code, message = status_for(exc)
+    request_id = current_request_id()
     if code is grpc.StatusCode.INTERNAL:
-        log.error("unexpected error in %s", method, exc_info=exc)
+        log.error("unexpected error in %s", method, exc_info=exc, extra={"request_id": request_id})
+        message = f"{message} (request id {request_id})"
+    if request_id:
+        context.set_trailing_metadata((("x-request-id", request_id),))
     context.abort(code, message)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns exceptions into statuses through ``ERROR_STATUS``."""
 
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        self._handlers[method] = wrapped = self._wrap(method, handler)
+        return wrapped
 
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         def unary(fn: Behavior) -> Behavior:
             def behavior(request: Any, context: grpc.ServicerContext) -> Any:
                 try:

@@ -20,7 +20,9 @@ pytestmark = [
 
 @pytest.fixture
 def gpu_server() -> Iterator[Server]:
-    srv = start_server(Settings(address="127.0.0.1:0", device="cuda"))
+    srv = start_server(
+        Settings(address="127.0.0.1:0", metrics_address="127.0.0.1:0", device="cuda")
+    )
     yield srv
     srv.stop(0)
 

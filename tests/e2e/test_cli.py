@@ -24,7 +24,18 @@ CLI = [sys.executable, "-m", "normserve"]
 @pytest.fixture
 def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
-        [*CLI, "serve", "--address", "127.0.0.1:0", "--device", "cpu", "--grace-seconds", "5"],
+        [
+            *CLI,
+            "serve",
+            "--address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--grace-seconds",
+            "5",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -1,0 +1,186 @@
+"""Per-call observability: request ids, per-RPC metrics and logs (an interceptor), stage metrics.
+
+The interceptor times every RPC end to end, counts its bytes (by wrapping the (de)serializers, so the
+sizes are the wire's and cost nothing extra), and records the status code. The servicer adds what
+only it knows: the session's kind and the mode (as labels) and the stage times of each batch.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from normserve.server._metrics import Metrics
+from normserve.server._transport._context import CallInfo, _current
+from normserve.server._transport._interceptors import wrap_handler
+from normserve.server.service import Mode, NormalizeResult, Session
+
+__all__ = ["ObservabilityInterceptor", "StageRecorder"]
+
+log = logging.getLogger("normserve.server.access")
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Outermost interceptor: request id, in-flight gauges, per-RPC histogram, counters, logs."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        full = handler_call_details.method
+        cached = self._handlers.get(full)
+        if cached is not None:
+            return cached
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrapped = self._wrap(full.rsplit("/", 1)[-1], handler)
+        self._handlers[full] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        m = self.metrics
+        is_stream = method == "NormalizeStream"
+
+        def finish(call: CallInfo, context: grpc.ServicerContext, t0: float, exc: Any) -> None:
+            elapsed = time.perf_counter() - t0
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
+                if exc is None and not context.is_active():
+                    code = grpc.StatusCode.CANCELLED
+            name = code.name
+            if m is not None:
+                m.child(m.rpc_duration, method, call.kind, call.mode, name).observe(elapsed)
+                m.child(m.requests, method, name).inc()
+            if code is grpc.StatusCode.OK:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s OK %.3fms", method, elapsed * 1e3, extra={"request_id": call.request_id}
+                    )
+            else:
+                details = context.details() if hasattr(context, "details") else ""
+                log.info(
+                    "%s %s %.3fms: %s",
+                    method,
+                    name,
+                    elapsed * 1e3,
+                    details.decode() if isinstance(details, bytes) else details,
+                    extra={"request_id": call.request_id},
+                )
+
+        def enter(context: grpc.ServicerContext) -> tuple[CallInfo, contextvars.Token[Any], float]:
+            call = CallInfo(method, _request_id(context))
+            if m is not None:
+                m.child(m.inflight, method).inc()
+                if is_stream:
+                    m.open_streams.inc()
+            return call, _current.set(call), time.perf_counter()
+
+        def leave(token: contextvars.Token[Any]) -> None:
+            _current.reset(token)
+            if m is not None:
+                m.child(m.inflight, method).dec()
+                if is_stream:
+                    m.open_streams.dec()
+
+        def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                call, token, t0 = enter(context)
+                exc = None
+                try:
+                    return fn(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(call, context, t0, exc)
+                    leave(token)
+
+            return behavior
+
+        def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                call, token, t0 = enter(context)
+                exc = None
+                try:
+                    yield from fn(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(call, context, t0, exc)
+                    leave(token)
+
+            return behavior
+
+        if m is None:
+            return wrap_handler(handler, unary, streaming)
+        received = m.child(m.received_bytes, method)
+        sent = m.child(m.sent_bytes, method)
+        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+
+        def counting_deserializer(raw: bytes) -> Any:
+            received.inc(len(raw))
+            return deserialize(raw) if deserialize else raw
+
+        def counting_serializer(msg: Any) -> bytes:
+            raw = serialize(msg) if serialize else msg
+            sent.inc(len(raw))
+            return raw
+
+        return wrap_handler(handler, unary, streaming, counting_deserializer, counting_serializer)
+
+
+class StageRecorder:
+    """What the servicer reports per batch: labels for the call, stage times, counters."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+
+    def label(self, session: Session, mode: Mode) -> None:
+        call = _current.get()
+        if call is not None:
+            call.kind, call.mode = session.config.kind.value, mode.value
+
+    def batch(
+        self,
+        method: str,
+        session: Session,
+        mode: Mode,
+        result: NormalizeResult,
+        elements: int,
+        decode: float,
+        encode: float,
+    ) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        kind = session.config.kind.value
+        stage = m.stage_duration
+        m.child(stage, method, "decode").observe(decode)
+        m.child(stage, method, "wait").observe(result.wait_seconds)
+        m.child(stage, method, "compute").observe(result.compute_seconds)
+        m.child(stage, method, "encode").observe(encode)
+        m.child(m.elements, kind, mode.value).inc(elements)
+        if mode is Mode.TRAIN and session.config.track_running_stats:
+            m.child(m.applied, kind).inc()
