@@ -54,6 +54,11 @@ class AsyncClient:
             else grpc.aio.insecure_channel(target, opts)
         )
         self._stub = pb_grpc.NormalizerStub(self._channel)
+        # the tensor-carrying methods move raw bytes, encoded by normserve._wire (zero-copy reads)
+        self._normalize = self._channel.unary_unary(c.NORMALIZE, _registered_method=True)
+        self._normalize_stream = self._channel.stream_stream(
+            c.NORMALIZE_STREAM, _registered_method=True
+        )
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ---- plumbing
@@ -150,9 +155,7 @@ class AsyncClient:
                 return result
             raise AssertionError("the stream ended without an answer")
         req = c.normalize_request(session_id, t, mode, statistics_only)
-        return c.normalize_result(
-            await self._call(self._stub.Normalize, req, timeout), c._Like.of(x)
-        )
+        return c.normalize_result(await self._call(self._normalize, req, timeout), c._Like.of(x))
 
     async def normalize_stream(
         self,
@@ -167,7 +170,7 @@ class AsyncClient:
         plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
-            call = self._stub.NormalizeStream(plan.requests(batches), timeout=timeout)
+            call = self._normalize_stream(plan.requests(batches), timeout=timeout)
             async for msg in call:
                 result = plan.feed(msg)
                 if result is not None:

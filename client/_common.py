@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from normserve import _wire as wire
 from normserve._codec import tensor_from_proto, tensor_to_proto
 from normserve.v1 import normserve_pb2 as pb
 
@@ -196,27 +197,32 @@ def fits_unary(x: torch.Tensor, chunk_bytes: int) -> bool:
     return x.numel() * x.element_size() <= chunk_bytes
 
 
+NORMALIZE = "/normserve.v1.Normalizer/Normalize"
+NORMALIZE_STREAM = "/normserve.v1.Normalizer/NormalizeStream"
+
+
 def normalize_request(
     session_id: str, x: torch.Tensor, mode: ModeName | str, statistics_only: bool
-) -> pb.NormalizeRequest:
-    req = pb.NormalizeRequest(session_id=session_id, statistics_only=statistics_only)
-    req.mode = mode_value(mode)  # type: ignore[assignment]
-    tensor_to_proto(x, req.input)
-    return req
+) -> bytes:
+    """An encoded NormalizeRequest: one copy of the tensor (see normserve._wire)."""
+    return wire.encode_normalize_request(session_id, mode_value(mode), x, statistics_only)
 
 
-def _out(msg: pb.Tensor, field: str) -> torch.Tensor:
-    # The view keeps the received bytes alive; clone makes the tensor writable and independent.
-    return tensor_from_proto(msg, field).clone()
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Received tensors view the response's immutable bytes; the clone makes them writable and
+    # independent (one copy, the price of handing the caller an ordinary tensor).
+    return None if t is None else t.clone()
 
 
-def normalize_result(msg: pb.NormalizeResponse, like: _Like) -> NormalizeResult:
+def normalize_result(raw: bytes, like: _Like) -> NormalizeResult:
+    answer = wire.parse_normalize_response(raw)
+    assert answer.mean is not None and answer.var is not None
     return NormalizeResult(
-        output=like.give(_out(msg.output, "output") if msg.HasField("output") else None),
-        mean=_out(msg.mean, "mean"),
-        var=_out(msg.var, "var"),
-        version=msg.version,
-        batch_statistics=msg.batch_statistics,
+        output=like.give(_own(answer.output)),
+        mean=answer.mean.clone(),
+        var=answer.var.clone(),
+        version=answer.version,
+        batch_statistics=answer.batch_statistics,
     )
 
 
@@ -241,9 +247,9 @@ class StreamPlan:
         self.chunk_bytes = chunk_bytes
         self._likes: deque[_Like] = deque()
         self._chunks: list[torch.Tensor] = []
-        self._header: pb.NormalizeStreamResponse | None = None
+        self._header: wire.StreamAnswer | None = None
 
-    def requests(self, batches: Iterable[ArrayLike]) -> Iterator[pb.NormalizeStreamRequest]:
+    def requests(self, batches: Iterable[ArrayLike]) -> Iterator[bytes]:
         for batch in batches:
             x = as_tensor(batch)
             if x.dim() == 0:
@@ -251,37 +257,41 @@ class StreamPlan:
             self._likes.append(_Like.of(batch))
             yield from self.batch_requests(x)
 
-    def batch_requests(self, x: torch.Tensor) -> Iterator[pb.NormalizeStreamRequest]:
+    def batch_requests(self, x: torch.Tensor) -> Iterator[bytes]:
+        """One batch as encoded chunk messages; the first names session and mode."""
         rows = rows_per_chunk(x, self.chunk_bytes)
         n = x.shape[0]
         starts = list(range(0, n, rows)) or [0]
+        last = len(starts) - 1
         for i, start in enumerate(starts):
-            req = pb.NormalizeStreamRequest(end_of_batch=i == len(starts) - 1)
+            chunk = x[start : start + rows]
             if i == 0:
-                req.session_id = self.session_id
-                req.mode = self.mode  # type: ignore[assignment]
-                req.statistics_only = self.statistics_only
-            tensor_to_proto(x[start : start + rows], req.chunk)
-            yield req
+                yield wire.encode_stream_request(
+                    self.session_id, self.mode, chunk, last == 0, self.statistics_only
+                )
+            else:
+                yield wire.encode_stream_request("", 0, chunk, i == last, False)
 
-    def feed(self, msg: pb.NormalizeStreamResponse) -> NormalizeResult | None:
+    def feed(self, raw: bytes) -> NormalizeResult | None:
         """Takes one answer message; returns a result when a batch is complete."""
+        msg = wire.parse_stream_response(raw)
         if self._header is None:
             self._header = msg
-        if msg.HasField("chunk"):
-            self._chunks.append(tensor_from_proto(msg.chunk, "chunk"))
+        if msg.output is not None:
+            self._chunks.append(msg.output)
         if not msg.end_of_batch:
             return None
         head, chunks = self._header, self._chunks
         self._header, self._chunks = None, []
         like = self._likes.popleft() if self._likes else _Like(False, torch.device("cpu"))
         output = None
-        if chunks:
+        if chunks:  # cat copies the views into one tensor the caller owns
             output = torch.cat(chunks) if len(chunks) > 1 else chunks[0].clone()
+        assert head.mean is not None and head.var is not None
         return NormalizeResult(
             output=like.give(output),
-            mean=_out(head.mean, "mean"),
-            var=_out(head.var, "var"),
+            mean=head.mean.clone(),
+            var=head.var.clone(),
             version=head.version,
             batch_statistics=head.batch_statistics,
         )

@@ -61,6 +61,11 @@ class Client:
             else grpc.insecure_channel(target, opts)
         )
         self._stub = pb_grpc.NormalizerStub(self._channel)
+        # the tensor-carrying methods move raw bytes, encoded by normserve._wire (zero-copy reads)
+        self._normalize = self._channel.unary_unary(c.NORMALIZE, _registered_method=True)
+        self._normalize_stream = self._channel.stream_stream(
+            c.NORMALIZE_STREAM, _registered_method=True
+        )
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ---- plumbing
@@ -155,7 +160,7 @@ class Client:
                 )
             )
         req = c.normalize_request(session_id, t, mode, statistics_only)
-        return c.normalize_result(self._call(self._stub.Normalize, req, timeout), c._Like.of(x))
+        return c.normalize_result(self._call(self._normalize, req, timeout), c._Like.of(x))
 
     def normalize_stream(
         self,
@@ -170,7 +175,7 @@ class Client:
         plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
-            for msg in self._stub.NormalizeStream(plan.requests(batches), timeout=timeout):
+            for msg in self._normalize_stream(plan.requests(batches), timeout=timeout):
                 result = plan.feed(msg)
                 if result is not None:
                     yield result

@@ -19,10 +19,9 @@ from normserve.server._metrics import Metrics, MetricsHTTPServer
 from normserve.server._settings import Settings
 from normserve.server._transport._interceptors import ErrorInterceptor
 from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
-from normserve.server._transport._servicer import NormalizerServicer
+from normserve.server._transport._servicer import NormalizerServicer, handlers
 from normserve.server.service import SessionManager
 from normserve.v1 import normserve_pb2 as pb
-from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
 __all__ = ["Server", "serve", "start_server"]
 
@@ -58,7 +57,11 @@ class Server:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         servicer = NormalizerServicer(self.sessions, StageRecorder(self.metrics))
-        pb_grpc.add_NormalizerServicer_to_server(servicer, self._grpc)
+        methods = handlers(servicer)
+        self._grpc.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
+        )
+        self._grpc.add_registered_method_handlers(SERVICE_NAME, methods)  # type: ignore[attr-defined]
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(

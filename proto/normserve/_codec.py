@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,9 @@ __all__ = [
     "MAX_TENSOR_BYTES",
     "TensorFormatError",
     "dtype_name",
+    "tensor_from_parts",
     "tensor_from_proto",
+    "tensor_payload",
     "tensor_to_proto",
 ]
 
@@ -32,6 +35,11 @@ DTYPE_TO_PROTO: dict[torch.dtype, int] = {
     torch.int64: pb.DTYPE_INT64,
 }
 DTYPE_FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_PROTO.items()}
+_ITEMSIZE: dict[int, int] = {
+    code: torch.empty((), dtype=dt).element_size() for code, dt in DTYPE_FROM_PROTO.items()
+}
+# numpy has no bfloat16: its bytes travel through an int16 view
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}
 
 # No single tensor may claim more than this (the product of a hostile shape can overflow int64).
 MAX_TENSOR_BYTES = 1 << 40
@@ -63,8 +71,9 @@ def _supported() -> str:
     return ", ".join(pb.DType.Name(v) for v in DTYPE_FROM_PROTO)
 
 
-def tensor_to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encodes ``tensor`` (any device, any layout) into ``out`` (or a new message)."""
+def tensor_payload(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], memoryview]:
+    """(dtype code, shape, raw little-endian C-order bytes as a buffer) of any tensor, copying only
+    when it must (a device transfer, a non-contiguous layout, a big-endian host)."""
     try:
         code = DTYPE_TO_PROTO[tensor.dtype]
     except KeyError:
@@ -72,17 +81,28 @@ def tensor_to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Te
             f"unsupported dtype {dtype_name(tensor.dtype)}; expected one of "
             "float32, float16, bfloat16, float64, int64"
         ) from None
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    view = _NUMPY_VIEW.get(t.dtype)
+    array = (t if view is None else t.view(view)).numpy()
+    if _BIG_ENDIAN:
+        array = array.byteswap()
+    if array.size == 0:
+        return code, tuple(t.shape), memoryview(b"")
+    flat: Any = array.reshape(-1)
+    return code, tuple(t.shape), memoryview(flat).cast("B")
+
+
+def tensor_to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encodes ``tensor`` (any device, any layout) into ``out`` (or a new message)."""
+    code, shape, data = tensor_payload(tensor)
     msg = pb.Tensor() if out is None else out
     msg.dtype = code  # type: ignore[assignment]
-    msg.shape[:] = tensor.shape
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    if _BIG_ENDIAN:
-        flat = flat.view(_SWAP_VIEW[flat.element_size()]).numpy().byteswap()  # type: ignore[assignment]
-        msg.data = flat.tobytes()  # type: ignore[attr-defined]
-        return msg
-    msg.data = flat.contiguous().view(torch.uint8).numpy().tobytes()
+    msg.shape.extend(shape)
+    msg.data = data.tobytes()  # protobuf's bytes field needs an immutable bytes object: one copy
     return msg
 
 
@@ -100,22 +120,17 @@ def _checked_numel(shape: Sequence[int], field: str, itemsize: int) -> int:
     return numel
 
 
-def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """Decodes a Tensor message into a CPU tensor viewing the message's bytes (no copy).
-
-    Raises ``TensorFormatError`` naming ``field`` for an unsupported dtype, a negative or overflowing
-    dimension, or a data length that does not match shape x itemsize.
-    """
-    dtype = DTYPE_FROM_PROTO.get(msg.dtype)
+def tensor_from_parts(code: int, shape: list[int], data: Any, field: str) -> torch.Tensor:
+    """A CPU tensor viewing ``data`` (bytes or any buffer; no copy), after checking that dtype,
+    shape and length agree. Raises ``TensorFormatError`` naming ``field`` otherwise."""
+    dtype = DTYPE_FROM_PROTO.get(code)
     if dtype is None:
-        name = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+        name = pb.DType.Name(code) if code in pb.DType.values() else str(code)  # type: ignore[arg-type]
         raise TensorFormatError(
             f"{field}.dtype", f"unsupported dtype {name}; expected one of {_supported()}"
         )
-    shape = list(msg.shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[code]
     numel = _checked_numel(shape, field, itemsize)
-    data = msg.data  # one access: each access of a bytes field builds a new bytes object
     expected = numel * itemsize
     if len(data) != expected:
         raise TensorFormatError(
@@ -130,3 +145,10 @@ def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
         swapped = tensor.view(_SWAP_VIEW[itemsize]).numpy().byteswap()
         tensor = torch.from_numpy(swapped).view(dtype)
     return tensor.view(shape)
+
+
+def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """Decodes a Tensor message into a CPU tensor viewing the message's bytes (no copy beyond the
+    one protobuf makes on access; the hot paths use ``normserve._wire`` and skip even that)."""
+    # one access of .data: each access of a bytes field builds a new bytes object
+    return tensor_from_parts(msg.dtype, list(msg.shape), msg.data, field)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from time import perf_counter
+
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from normserve import _wire as wire
 from normserve._codec import tensor_from_proto, tensor_to_proto
 from normserve.server.service import (
     InvalidArgument,
@@ -119,19 +123,35 @@ def export_response(state: dict[str, torch.Tensor], version: int) -> pb.ExportSt
     )
 
 
-def normalize_response(result: NormalizeResult) -> pb.NormalizeResponse:
-    msg = pb.NormalizeResponse(version=result.version, batch_statistics=result.batch_statistics)
-    tensor_to_proto(result.mean, msg.mean)
-    tensor_to_proto(result.var, msg.var)
-    if result.output is not None:
-        tensor_to_proto(result.output, msg.output)
-    return msg
+def normalize_response(r: NormalizeResult) -> bytes:
+    """An encoded NormalizeResponse (one copy of the output, see normserve._wire)."""
+    return wire.encode_normalize_response(r.output, r.mean, r.var, r.version, r.batch_statistics)
 
 
-def stream_header(result: NormalizeResult, batch_index: int) -> pb.NormalizeStreamResponse:
-    msg = pb.NormalizeStreamResponse(
-        batch_index=batch_index, version=result.version, batch_statistics=result.batch_statistics
-    )
-    tensor_to_proto(result.mean, msg.mean)
-    tensor_to_proto(result.var, msg.var)
-    return msg
+def stream_answers(
+    r: NormalizeResult, outputs: list[torch.Tensor], batch_index: int
+) -> Iterator[tuple[float, bytes]]:
+    """The encoded answer to one streamed batch: the statistics ride on the first message, output
+    chunks follow the input's chunking, the last sets end_of_batch. Yields (start time, bytes) so
+    the caller can time the encoding without counting the time spent sending."""
+    t0 = perf_counter()
+    if not outputs:  # statistics only
+        yield (
+            t0,
+            wire.encode_stream_response(
+                batch_index, None, True, r.mean, r.var, r.version, r.batch_statistics
+            ),
+        )
+        return
+    last = len(outputs) - 1
+    for i, out in enumerate(outputs):
+        t0 = perf_counter()
+        if i == 0:
+            yield (
+                t0,
+                wire.encode_stream_response(
+                    batch_index, out, last == 0, r.mean, r.var, r.version, r.batch_statistics
+                ),
+            )
+        else:
+            yield t0, wire.encode_stream_response(batch_index, out, i == last)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from time import perf_counter
+from typing import Any
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 
-from normserve._codec import tensor_from_proto, tensor_to_proto
+from normserve import _wire as wire
 from normserve.server._transport import _converters as conv
 from normserve.server._transport._observe import StageRecorder
 from normserve.server.service import ChunkedBatch, InvalidArgument, SessionManager
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
-__all__ = ["NormalizerServicer"]
+__all__ = ["SERVICE", "NormalizerServicer", "handlers"]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Normalizer"]
 
 
 class NormalizerServicer(pb_grpc.NormalizerServicer):
@@ -70,16 +74,18 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
         new = s.import_state(conv.state_entries(list(request.entries)), request.strict)
         return pb.ImportStateResponse(session=conv.session(s, state=new))
 
-    def Normalize(
-        self, request: pb.NormalizeRequest, context: grpc.ServicerContext
-    ) -> pb.NormalizeResponse:
+    # The two methods that carry tensors take and return raw bytes: normserve._wire reads them
+    # zero-copy and writes them with one copy (see handlers()).
+
+    def Normalize(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         t0 = perf_counter()
-        s = self.sessions.get(request.session_id)
-        mode = conv.mode(request.mode)
+        req = wire.parse_normalize_request(request)
+        s = self.sessions.get(req.session_id)
+        mode = conv.mode(req.mode)
         self.stages.label(s, mode)
-        x = tensor_from_proto(request.input, "input")
+        x = req.tensor()
         t1 = perf_counter()
-        result = s.normalize(x, mode, request.statistics_only)
+        result = s.normalize(x, mode, req.statistics_only)
         t2 = perf_counter()
         response = conv.normalize_response(result)
         encode = perf_counter() - t2
@@ -87,16 +93,39 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
         return response
 
     def NormalizeStream(
-        self, request_iterator: Iterable[pb.NormalizeStreamRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.NormalizeStreamResponse]:
+        self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         return _serve_stream(self.sessions, self.stages, request_iterator)
 
 
+RAW_METHODS = frozenset({"Normalize", "NormalizeStream"})
+
+
+def handlers(servicer: NormalizerServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's method handlers, from its descriptor: generated message classes for every
+    method but those in RAW_METHODS, which get the bytes as they arrive."""
+    out = {}
+    for method in SERVICE.methods:
+        behavior = getattr(servicer, method.name)
+        codecs: dict[str, Any] = {}
+        if method.name not in RAW_METHODS:
+            codecs = {
+                "request_deserializer": GetMessageClass(method.input_type).FromString,
+                "response_serializer": GetMessageClass(method.output_type).SerializeToString,
+            }
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
+        out[method.name] = make(behavior, **codecs)
+    return out
+
+
 def _serve_stream(
-    sessions: SessionManager,
-    stages: StageRecorder,
-    requests: Iterable[pb.NormalizeStreamRequest],
-) -> Iterator[pb.NormalizeStreamResponse]:
+    sessions: SessionManager, stages: StageRecorder, requests: Iterable[bytes]
+) -> Iterator[bytes]:
     """The chunk protocol: the first chunk of a batch names session and mode, end_of_batch closes
     it; the answer is the statistics, then the output chunks, in batch order."""
     batch: ChunkedBatch | None = None
@@ -104,8 +133,9 @@ def _serve_stream(
     index = 0
     decode = 0.0
     elements = 0
-    for req in requests:
+    for raw in requests:
         t0 = perf_counter()
+        req = wire.parse_stream_request(raw)
         if batch is None:
             header = (req.session_id, req.mode, req.statistics_only)
             session = sessions.get(req.session_id)
@@ -116,27 +146,15 @@ def _serve_stream(
             elements = 0
         else:
             _check_header(req, header, index)
-        if req.HasField("chunk"):
-            x = tensor_from_proto(req.chunk, "chunk")
+        if req.has_tensor:
+            x = req.tensor()
             decode += perf_counter() - t0
             elements += x.numel()
             batch.add(x)
         if req.end_of_batch:
             result, outputs = batch.finish()
-            t1 = perf_counter()
-            msg = conv.stream_header(result, index)
-            last = len(outputs) - 1
-            if last < 0:  # statistics only
-                msg.end_of_batch = True
-            encode = perf_counter() - t1
-            if last < 0:
-                yield msg
-            for i, out in enumerate(outputs):
-                t1 = perf_counter()
-                if i:
-                    msg = pb.NormalizeStreamResponse(batch_index=index)
-                tensor_to_proto(out, msg.chunk)
-                msg.end_of_batch = i == last
+            encode = 0.0
+            for t1, msg in conv.stream_answers(result, outputs, index):
                 encode += perf_counter() - t1
                 yield msg
             stages.batch(
@@ -152,9 +170,7 @@ def _serve_stream(
         )
 
 
-def _check_header(
-    req: pb.NormalizeStreamRequest, header: tuple[str, int, bool], index: int
-) -> None:
+def _check_header(req: wire.NormalizeFrame, header: tuple[str, int, bool], index: int) -> None:
     session_id, mode, stats_only = header
     if req.session_id and req.session_id != session_id:
         raise InvalidArgument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from normserve.server.ops._batchnorm import (
     Moments,
+    batch_norm_train,
     ema_factor,
     merge_moments,
     moments,
@@ -17,6 +18,7 @@ from normserve.server.ops._batchnorm import (
 
 __all__ = [
     "Moments",
+    "batch_norm_train",
     "ema_factor",
     "merge_moments",
     "moments",

@@ -8,6 +8,7 @@ read the current snapshot without locking, so they never wait for each other.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -137,20 +138,20 @@ class Session:
         if self.config.allow_non_finite:
             return
         # One fast reduction; the elementwise scan runs only if the sum is not finite.
-        total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
+        total = float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+        if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
             raise InvalidArgument(field, "contains NaN or Inf; nothing was applied")
 
-    def _check_batch(self, m: ops.Moments, field: str, shape: str) -> None:
-        if m.count <= 1:
+    def _check_count(self, count: int, field: str, shape: str) -> None:
+        if count <= 1:
             raise InvalidArgument(
                 f"{field}.shape",
                 f"batch statistics need more than 1 value per channel, got input size {shape}",
             )
-        if not self.config.allow_non_finite and not bool(
-            torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()
-        ):
-            # NaN/Inf in the input make the sums non-finite; so can values too large to square.
+
+    def _check_stats(self, mean: torch.Tensor, var: torch.Tensor, field: str) -> None:
+        # NaN/Inf in the input make the statistics non-finite; so can values too large to square.
+        if not self.config.allow_non_finite and not math.isfinite(float((mean + var).sum())):
             raise InvalidArgument(
                 field,
                 "contains NaN or Inf (or values too large for float32 statistics); "
@@ -162,63 +163,41 @@ class Session:
 
     # ---- the state transition
 
-    def _apply(self, batch: ops.Moments) -> tuple[int, float]:
-        """Folds one batch into the running statistics; returns (version, seconds waited)."""
+    def _apply(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[int, float]:
+        """Folds one batch's statistics into the running ones; returns (version, seconds waited).
+        The lock covers only this: a few [C]-sized kernels."""
         t0 = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - t0
             s = self._state
             assert s.running_mean is not None and s.running_var is not None
             n = s.num_batches_tracked + 1
-            mean, var = ops.update_running(
-                s.running_mean, s.running_var, batch, ops.ema_factor(self.config.momentum, n)
+            factor = ops.ema_factor(self.config.momentum, n)
+            running_mean, running_var = ops.update_running(
+                s.running_mean, s.running_var, mean, var, count, factor
             )
-            self._state = replace(
-                s,
-                version=s.version + 1,
-                num_batches_tracked=n,
-                running_mean=mean,
-                running_var=var,
-                update_time=time.time(),
+            self._state = SessionState(
+                s.version + 1, n, running_mean, running_var, s.weight, s.bias, time.time()
             )
             return s.version + 1, waited
 
-    def _finish(
+    def _result(
         self,
-        mode: Mode,
-        batch: ops.Moments | None,
-        state: SessionState,
-        statistics_only: bool,
-        inputs: list[torch.Tensor],
+        output: torch.Tensor | None,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        version: int,
+        batch_statistics: bool,
+        waited: float,
         t_start: float,
-    ) -> tuple[NormalizeResult, list[torch.Tensor]]:
-        waited = 0.0
-        version = state.version
-        if batch is not None:
-            if mode is Mode.TRAIN and self.config.track_running_stats:
-                version, waited = self._apply(batch)
-            mean, var = batch.mean.float(), batch.var.float()
-        else:
-            assert state.running_mean is not None and state.running_var is not None
-            mean, var = state.running_mean, state.running_var
-        outputs: list[torch.Tensor] = []
-        if not statistics_only:
-            eps = self.config.eps
-            outputs = [ops.normalize(x, mean, var, state.weight, state.bias, eps) for x in inputs]
+    ) -> NormalizeResult:
         if self.device.type == "cuda":
             # Kernels are asynchronous: wait so compute time is the kernels' time, not the launch's.
             torch.cuda.synchronize(self.device)
+        if mean.dtype != torch.float32:
+            mean, var = mean.float(), var.float()
         compute = time.perf_counter() - t_start - waited
-        result = NormalizeResult(
-            output=None,
-            mean=mean,
-            var=var,
-            version=version,
-            batch_statistics=batch is not None,
-            wait_seconds=waited,
-            compute_seconds=compute,
-        )
-        return result, outputs
+        return NormalizeResult(output, mean, var, version, batch_statistics, waited, compute)
 
     # ---- calls
 
@@ -228,16 +207,30 @@ class Session:
         """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first."""
         t0 = time.perf_counter()
         self.check_input(x)
-        x = x.to(self.device, non_blocking=False)
+        if x.device != self.device:
+            x = x.to(self.device)
         state = self._state
-        batch = None
-        if self.uses_batch_statistics(mode):
-            batch = ops.moments(x)
-            self._check_batch(batch, "input", _describe(x.shape))
-        else:
+        cfg = self.config
+        output = None
+        if mode is Mode.EVAL and cfg.track_running_stats:
             self._check_finite_input(x, "input")
-        result, outputs = self._finish(mode, batch, state, statistics_only, [x], t0)
-        return replace(result, output=outputs[0] if outputs else None)
+            mean, var = state.running_mean, state.running_var
+            assert mean is not None and var is not None
+            if not statistics_only:
+                output = ops.normalize(x, mean, var, state.weight, state.bias, cfg.eps)
+            return self._result(output, mean, var, state.version, False, 0.0, t0)
+        count = x.numel() // x.shape[1]
+        self._check_count(count, "input", _describe(x.shape))
+        if statistics_only:
+            m = ops.moments(x)
+            mean, var = m.mean, m.var
+        else:
+            output, mean, var = ops.batch_norm_train(x, state.weight, state.bias, cfg.eps)
+        self._check_stats(mean, var, "input")
+        version, waited = state.version, 0.0
+        if mode is Mode.TRAIN and cfg.track_running_stats:
+            version, waited = self._apply(mean, var, count)
+        return self._result(output, mean, var, version, True, waited, t0)
 
     def start_batch(self, mode: Mode, statistics_only: bool = False) -> ChunkedBatch:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
@@ -329,7 +322,6 @@ class ChunkedBatch:
         self._t_compute = 0.0
         self._first: torch.Tensor | None = None
         self._rows = 0
-        self._n_chunks = 0
         self._chunks: list[torch.Tensor] = []
         self._moments: ops.Moments | None = None
         self._state = session.state
@@ -358,7 +350,6 @@ class ChunkedBatch:
                 )
         x = x.to(s.device)
         self._rows += x.shape[0]
-        self._n_chunks += 1
         if self._batch_stats:
             m = ops.moments(x) if x.shape[0] else None
             if m is not None:
@@ -376,15 +367,25 @@ class ChunkedBatch:
         if first is None:
             raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
         t0 = time.perf_counter()
-        shape = _describe([self._rows, *first.shape[1:]])
-        batch = None
+        s = self.session
+        state = self._state
+        cfg = s.config
         if self._batch_stats:
-            empty = ops.Moments(0, torch.zeros(0), torch.zeros(0))
-            batch = self._moments or empty
-            self.session._check_batch(batch, "chunk", shape)
-        result, outputs = self.session._finish(
-            self.mode, batch, self._state, self.statistics_only, self._chunks, t0
-        )
+            m = self._moments
+            s._check_count(m.count if m else 0, "chunk", _describe([self._rows, *first.shape[1:]]))
+            assert m is not None
+            mean, var = m.mean.float(), m.var.float()
+            s._check_stats(mean, var, "chunk")
+            version, waited = state.version, 0.0
+            if self.mode is Mode.TRAIN and cfg.track_running_stats:
+                version, waited = s._apply(mean, var, m.count)
+        else:
+            assert state.running_mean is not None and state.running_var is not None
+            mean, var, version, waited = state.running_mean, state.running_var, state.version, 0.0
+        outputs = []
+        if not self.statistics_only:
+            w, b, eps = state.weight, state.bias, cfg.eps
+            outputs = [ops.normalize(x, mean, var, w, b, eps) for x in self._chunks]
         self._chunks = []
-        result = replace(result, compute_seconds=result.compute_seconds + self._t_compute)
-        return result, outputs
+        result = s._result(None, mean, var, version, self._batch_stats, waited, t0)
+        return replace(result, compute_seconds=result.compute_seconds + self._t_compute), outputs

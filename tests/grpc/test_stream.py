@@ -62,7 +62,7 @@ def test_large_batch_is_chunked_below_grpc_default(client: Client) -> None:
     from normserve.client._common import StreamPlan
 
     sizes = [
-        r.ByteSize() for r in StreamPlan(sid, "train", False, client.chunk_bytes).batch_requests(x)
+        len(r) for r in StreamPlan(sid, "train", False, client.chunk_bytes).batch_requests(x)
     ]
     assert len(sizes) > 1 and max(sizes) < 1.1 * (1 << 20)
     r = client.normalize(sid, x)

@@ -27,6 +27,35 @@ def test_moments_match_float64_reference(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(m.var, var, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_batch_norm_train_matches_torch(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = (torch.randn(shape) * 2 + 3).to(dtype)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref_mean, ref_var = _ref(x)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float64:
+        ref = F.batch_norm(x, None, None, w.double(), b.double(), True, 0.0, 1e-5)
+    else:
+        ref = torch.nn.functional.batch_norm(x.float(), None, None, w, b, True, 0.0, 1e-5).to(dtype)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_batch_norm_train_accurate_where_float32_fails() -> None:
+    g = torch.Generator().manual_seed(2)
+    for shape in [(64, 256), (32, 16, 8, 8)]:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
+        _, var64 = _ref(x)
+        _, _, var = ops.batch_norm_train(x, None, None, 1e-5)
+        rel = ((var.double() - var64).abs() / var64).max().item()
+        assert rel <= 1e-4, rel
+
+
 @pytest.mark.parametrize("shape", [(64, 256), (32, 16, 8, 8)])
 @pytest.mark.parametrize("chunks", [1, 3, 7])
 def test_variance_accurate_where_float32_fails(shape: tuple[int, ...], chunks: int) -> None:
@@ -93,12 +122,14 @@ def test_running_update_matches_torch(momentum: float | None) -> None:
     for n in range(1, 6):
         x = torch.randn(10, 6) * n + n
         bn(x)
-        rm, rv = ops.update_running(rm, rv, ops.moments(x), ops.ema_factor(momentum, n))
+        m = ops.moments(x)
+        rm, rv = ops.update_running(rm, rv, m.mean, m.var, m.count, ops.ema_factor(momentum, n))
         torch.testing.assert_close(rm, bn.running_mean, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=1e-6)
 
 
 def test_update_running_does_not_mutate_inputs() -> None:
     rm, rv = torch.zeros(3), torch.ones(3)
-    ops.update_running(rm, rv, ops.moments(torch.randn(5, 3) + 4), 0.5)
+    m = ops.moments(torch.randn(5, 3) + 4)
+    ops.update_running(rm, rv, m.mean, m.var, m.count, 0.5)
     assert rm.eq(0).all() and rv.eq(1).all()
