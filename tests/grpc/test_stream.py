@@ -61,9 +61,7 @@ def test_large_batch_is_chunked_below_grpc_default(client: Client) -> None:
     x = torch.randn(96, 16, 32, 32)  # 6.3 MB
     from normserve.client._common import StreamPlan
 
-    sizes = [
-        len(r) for r in StreamPlan(sid, "train", False, client.chunk_bytes).batch_requests(x)
-    ]
+    sizes = [len(r) for r in StreamPlan(sid, "train", False, client.chunk_bytes).batch_requests(x)]
     assert len(sizes) > 1 and max(sizes) < 1.1 * (1 << 20)
     r = client.normalize(sid, x)
     bn = torch.nn.BatchNorm2d(16, momentum=None)
