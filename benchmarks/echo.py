@@ -1,0 +1,76 @@
+"""A raw bytes echo gRPC service with normserve's server settings: the transport limit to compare with.
+
+``python benchmarks/echo.py [--address 127.0.0.1:0]`` serves ``/bench.Echo/Unary`` (returns the
+request bytes) and ``/bench.Echo/Stream`` (returns every message as it arrives) and prints
+``listening on HOST:PORT`` to stdout once it is bound; SIGTERM or SIGINT stops it.
+
+No protobuf is parsed on either side (identity serializers), so what it measures is gRPC itself on
+this machine: the same thread pool size, message size limits, socket options and concurrency limit
+as a normserve server built from ``Settings()`` defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from normserve.server._app import channel_options
+from normserve.server._settings import Settings
+
+SERVICE = "bench.Echo"
+UNARY = f"/{SERVICE}/Unary"
+STREAM = f"/{SERVICE}/Stream"
+
+
+def _unary(request: bytes, context: Any) -> bytes:
+    return request
+
+
+def _stream(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
+    yield from requests
+
+
+def build_server(address: str, settings: Settings | None = None) -> tuple[grpc.Server, str]:
+    """An unstarted echo server bound to ``address``; returns it and the bound host:port."""
+    settings = settings or Settings()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+        options=channel_options(settings.max_message_bytes),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+    )
+    # None serializers: the handlers see and return the raw message bytes.
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(_stream),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return server, f"{address.rsplit(':', 1)[0]}:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--address", default="127.0.0.1:0", help="host:port to bind (port 0: any)")
+    args = p.parse_args(argv)
+    server, address = build_server(args.address)
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"listening on {address}", flush=True)
+    stop.wait()
+    server.stop(0).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""``normserve bench`` and the benchmark suite: smoke tests against real servers, scheduler logic
+with fake calls, JSON round trip, compare, the loopback guard, the plot."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from normserve._codec import tensor_from_proto
+from normserve.client import Client
+from normserve.client._bench import (
+    Call,
+    CallFactory,
+    check_target,
+    encode_batch,
+    is_loopback,
+    run_load,
+)
+from normserve.client._bench_report import Result, compare_table, load_result, new_histogram
+from normserve.client._cli import main
+from normserve.server import Server
+from normserve.v1 import normserve_pb2 as pb
+from normserve.v1 import normserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str) -> int:
+    return main(["bench", "--quiet", *args])
+
+
+def sleeping(seconds: float, log: list[float] | None = None) -> CallFactory:
+    """A fake call that takes ``seconds`` (and notes when it was sent)."""
+
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[Call]:
+        async def call() -> None:
+            if log is not None:
+                log.append(time.perf_counter())
+            await asyncio.sleep(seconds)
+
+        yield call
+
+    return factory
+
+
+# ---- against a real normserve server
+
+
+def test_closed_loop_json_and_plot(server: Server, client: Client, tmp_path: Path) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = bench(
+        "--target", server.address, "--duration", "1", "--warmup", "0.2", "--concurrency", "2",
+        "--json", str(out), "--plot", str(png),
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["count"] > 0
+    assert data["summary"]["errors"] == {}
+    assert data["config"]["concurrency"] == 2 and data["config"]["shape"] == [64, 256]
+    assert {"cpu_count", "python", "torch", "grpcio"} <= set(data["machine"])
+    assert sum(p["count"] for p in data["series"]) == data["summary"]["count"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.list_sessions() == []  # the fresh session was deleted
+
+
+def test_stream_in_chunks_on_existing_session(server: Server, client: Client) -> None:
+    session = client.create_session(4)
+    rc = bench(
+        "--target", server.address, "--rpc", "stream", "--shape", "16,4,300",
+        "--chunk-bytes", "4096", "--session", session.session_id, "--mode", "train",
+        "--duration", "0.5", "--warmup", "0.1",
+    )  # fmt: skip
+    assert rc == 0
+    assert client.get_session(session.session_id).num_batches_tracked > 0  # kept, and trained
+
+
+def test_requests_bound_stops_early(server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    started = time.monotonic()
+    rc = bench(
+        "--target", server.address, "--requests", "25", "--duration", "60", "--warmup", "0",
+        "--json", str(out),
+    )  # fmt: skip
+    assert rc == 0
+    assert time.monotonic() - started < 20
+    assert load_result(str(out)).count == 25
+
+
+def test_errors_counted_by_status_code(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = bench(
+        "--target", server.address, "--session", "nope", "--requests", "5", "--warmup", "0",
+        "--json", "-",
+    )  # fmt: skip
+    assert rc == 1  # failures make the exit status non-zero
+    data = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert data["summary"]["errors"] == {"NOT_FOUND": 5}
+    assert data["summary"]["count"] == 0
+
+
+class _Recording(pb_grpc.NormalizerServicer):
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    def _note(self, context: Any) -> None:
+        self.metadata.append(dict(context.invocation_metadata()))
+
+    def CreateSession(self, request: Any, context: Any) -> Any:
+        self._note(context)
+        return pb.CreateSessionResponse(session=pb.Session(session_id="s"))
+
+    def DeleteSession(self, request: Any, context: Any) -> Any:
+        self._note(context)
+        return pb.DeleteSessionResponse()
+
+    def Normalize(self, request: Any, context: Any) -> Any:
+        self._note(context)
+        return pb.NormalizeResponse(output=request.input)
+
+
+@pytest.fixture
+def recording() -> Iterator[tuple[_Recording, str]]:
+    servicer = _Recording()
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_NormalizerServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield servicer, f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_metadata_sent_with_every_call(recording: tuple[_Recording, str]) -> None:
+    servicer, target = recording
+    rc = bench(
+        "--target", target, "--metadata", "x-tenant=blue", "--metadata", "Authorization=Bearer t",
+        "--requests", "3", "--warmup", "0",
+    )  # fmt: skip
+    assert rc == 0
+    assert len(servicer.metadata) == 5  # create, 3 x normalize, delete
+    for md in servicer.metadata:
+        assert md["x-tenant"] == "blue" and md["authorization"] == "Bearer t"
+
+
+# ---- the scheduler, in isolation
+
+
+def test_open_loop_counts_from_intended_send_time() -> None:
+    # Due every 25 ms, served in 50 ms by one caller: the queue grows, and so must the latencies
+    # (a closed loop, or an open loop timing from the actual send, would report ~50 ms flat).
+    r = asyncio.run(run_load(sleeping(0.05), rate=40, concurrency=1, duration=0.5, warmup=0))
+    assert r.count == 20 and not r.errors
+    lat = r.latency_us()
+    assert 45_000 <= lat["min"] <= 80_000
+    assert lat["max"] >= 450_000  # the last one waited for the 19 before it
+    closed = asyncio.run(run_load(sleeping(0.05), concurrency=1, duration=0.3, warmup=0))
+    assert closed.latency_us()["max"] < 150_000
+
+
+def test_open_loop_paces_at_the_rate() -> None:
+    sent: list[float] = []
+    r = asyncio.run(
+        run_load(sleeping(0.001, sent), rate=50, concurrency=4, duration=0.4, warmup=0.1)
+    )
+    assert r.count == 20  # due at 0.10, 0.12, ... 0.48 s: measured; the first 5 were warm-up
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert 0.015 < sorted(gaps)[len(gaps) // 2] < 0.025
+    assert r.latency_us()["p50"] < 15_000  # not the gaps: latency is per request
+
+
+def test_hard_stop_cancels_hung_calls() -> None:
+    started = time.monotonic()
+    r = asyncio.run(run_load(sleeping(3600), concurrency=3, duration=0.2, warmup=0, drain=0.3))
+    assert time.monotonic() - started < 3
+    assert r.count == 0 and r.errors == {"UNFINISHED": 3}
+
+
+def test_requests_bound_in_isolation() -> None:
+    r = asyncio.run(run_load(sleeping(0.001), concurrency=3, requests=7, duration=30, warmup=0))
+    assert r.count == 7
+
+
+def test_encode_batch_chunks_along_dim0() -> None:
+    x = torch.randn(10, 4, 25)  # 400 bytes a row
+    (unary,) = encode_batch("s1", x, "eval", rpc="unary")
+    req = pb.NormalizeRequest.FromString(unary)
+    assert req.session_id == "s1" and req.mode == pb.MODE_EVAL
+    assert torch.equal(tensor_from_proto(req.input), x)
+    chunks = [
+        pb.NormalizeStreamRequest.FromString(b)
+        for b in encode_batch("s1", x, "train", rpc="stream", chunk_bytes=1000)
+    ]
+    assert [list(m.chunk.shape) for m in chunks] == [[2, 4, 25]] * 5
+    assert [m.session_id for m in chunks] == ["s1", "", "", "", ""]
+    assert chunks[0].mode == pb.MODE_TRAIN and [m.end_of_batch for m in chunks][-2:] == [
+        False,
+        True,
+    ]
+    assert torch.equal(torch.cat([tensor_from_proto(m.chunk) for m in chunks]), x)
+
+
+# ---- results, compare, guard
+
+
+def _result(values_us: list[int], elapsed: float, **config: Any) -> Result:
+    h = new_histogram()
+    for v in values_us:
+        h.record_value(v)
+    return Result(h, elapsed, {"UNAVAILABLE": 1}, 1000, [], {"rpc": "unary", **config})
+
+
+def test_json_round_trip_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _result([100, 200, 300, 400], 1.0, concurrency=1)
+    b = _result([200, 400, 600, 800, 900, 1000, 1100, 1200], 1.0, concurrency=4)
+    a.write_json(str(tmp_path / "a.json"))
+    b.write_json(str(tmp_path / "b.json"))
+    again = load_result(str(tmp_path / "a.json"))
+    assert again.summary() == a.summary() and again.config == a.config
+    assert again.histogram.get_value_at_percentile(50) == a.histogram.get_value_at_percentile(50)
+    table = compare_table(a, b)
+    assert "2.00x" in table  # count and throughput doubled
+    assert main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "b/a" in out and "p99.9" in out and "req/s" in out
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "bad.json")]) == 1
+
+
+def test_remote_targets_refused_without_allow_remote(capsys: pytest.CaptureFixture[str]) -> None:
+    local = ["127.0.0.1:1", "127.3.2.1:1", "localhost:50051", "[::1]:1", "ipv4:127.0.0.1:5",
+             "dns:///localhost:50051", "unix:/tmp/normserve.sock"]  # fmt: skip
+    remote = ["10.0.0.1:50051", "example.com:443", "[2001:db8::1]:443", "0.0.0.0:50051"]
+    assert all(is_loopback(t) for t in local)
+    assert not any(is_loopback(t) for t in remote)
+    check_target("10.0.0.1:50051", allow_remote=True)
+    assert bench("--target", "10.0.0.1:50051") == 1
+    err = capsys.readouterr().err
+    assert "not a loopback address" in err and "--allow-remote" in err
+
+
+# ---- the suite
+
+
+def test_suite_quick_writes_the_report(tmp_path: Path) -> None:
+    out, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out),
+         "--json", str(js)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("## Machine and versions", "## Targets", "## Workload S", "## Workload L"):
+        assert heading in text
+    assert "p50 / echo p50" in text and "--quick" in text
+    assert "targets" in proc.stdout and "p50/echo" in proc.stdout
+    assert any(verdict in proc.stdout for verdict in ("PASS", "MISS"))
+    results = json.loads(js.read_text())["results"]
+    assert results["S/echo/unary/-/c1"]["summary"]["count"] > 0
+    assert results["L/normserve/stream/train/c1"]["summary"]["count"] > 0
