@@ -19,6 +19,8 @@ from normserve.v1 import normserve_pb2_grpc as pb_grpc
 __all__ = ["AsyncClient"]
 
 T = TypeVar("T")
+#: gRPC metadata: (key, value) pairs sent with a call.
+Metadata = Sequence[tuple[str, str]] | None
 _DEFAULT: Any = object()
 
 
@@ -43,8 +45,10 @@ class AsyncClient:
         max_message_bytes: int = c.DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        metadata: Metadata = None,
     ) -> None:
         self.target = target
+        self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         opts = channel_options(max_message_bytes, options)
@@ -63,9 +67,20 @@ class AsyncClient:
 
     # ---- plumbing
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: Any) -> T:
+    def _metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...] | None:
+        """The client's metadata plus the call's (e.g. an ``x-request-id``)."""
+        merged = self.metadata + tuple(extra or ())
+        return merged or None
+
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, timeout: Any, metadata: Any = None
+    ) -> T:
         try:
-            return await method(request, timeout=self.timeout if timeout is _DEFAULT else timeout)
+            return await method(
+                request,
+                timeout=self.timeout if timeout is _DEFAULT else timeout,
+                metadata=self._metadata(metadata),
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -81,48 +96,79 @@ class AsyncClient:
     # ---- sessions
 
     async def create_session(
-        self, num_features: int, *, timeout: Any = _DEFAULT, **config: Any
+        self,
+        num_features: int,
+        *,
+        timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
+        **config: Any,
     ) -> c.SessionInfo:
         """Creates a session. ``config``: session_id, eps, momentum (None: cumulative average),
         affine, track_running_stats, weight, bias, device, allow_non_finite."""
         req = c.create_request(num_features, **config)
-        return c.session_info((await self._call(self._stub.CreateSession, req, timeout)).session)
+        return c.session_info(
+            (await self._call(self._stub.CreateSession, req, timeout, metadata)).session
+        )
 
     async def get_session(
-        self, session_id: str, *, tensors: bool = True, timeout: Any = _DEFAULT
+        self,
+        session_id: str,
+        *,
+        tensors: bool = True,
+        timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> c.SessionInfo:
         req = pb.GetSessionRequest(session_id=session_id, omit_tensors=not tensors)
-        return c.session_info((await self._call(self._stub.GetSession, req, timeout)).session)
+        return c.session_info(
+            (await self._call(self._stub.GetSession, req, timeout, metadata)).session
+        )
 
     async def list_sessions(
-        self, *, page_size: int = 0, timeout: Any = _DEFAULT
+        self,
+        *,
+        page_size: int = 0,
+        timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> list[c.SessionInfo]:
         """Every session (all pages), without tensors."""
         out: list[c.SessionInfo] = []
         token = ""
         while True:
             req = pb.ListSessionsRequest(page_size=page_size, page_token=token)
-            resp = await self._call(self._stub.ListSessions, req, timeout)
+            resp = await self._call(self._stub.ListSessions, req, timeout, metadata)
             out += [c.session_info(s) for s in resp.sessions]
             token = resp.next_page_token
             if not token:
                 return out
 
-    async def delete_session(self, session_id: str, *, timeout: Any = _DEFAULT) -> None:
+    async def delete_session(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: Metadata = None
+    ) -> None:
         await self._call(
-            self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), timeout
+            self._stub.DeleteSession,
+            pb.DeleteSessionRequest(session_id=session_id),
+            timeout,
+            metadata,
         )
 
-    async def reset_session(self, session_id: str, *, timeout: Any = _DEFAULT) -> c.SessionInfo:
+    async def reset_session(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: Metadata = None
+    ) -> c.SessionInfo:
         req = pb.ResetSessionRequest(session_id=session_id)
-        return c.session_info((await self._call(self._stub.ResetSession, req, timeout)).session)
+        return c.session_info(
+            (await self._call(self._stub.ResetSession, req, timeout, metadata)).session
+        )
 
     async def export_state(
-        self, session_id: str, *, timeout: Any = _DEFAULT
+        self,
+        session_id: str,
+        *,
+        timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> OrderedDict[str, torch.Tensor]:
         """The session's state_dict, loadable by ``torch.nn.BatchNorm*d.load_state_dict``."""
         req = pb.ExportStateRequest(session_id=session_id)
-        return c.state_dict(await self._call(self._stub.ExportState, req, timeout))
+        return c.state_dict(await self._call(self._stub.ExportState, req, timeout, metadata))
 
     async def import_state(
         self,
@@ -131,9 +177,12 @@ class AsyncClient:
         *,
         strict: bool = True,
         timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> c.SessionInfo:
         req = c.import_request(session_id, state, strict)
-        return c.session_info((await self._call(self._stub.ImportState, req, timeout)).session)
+        return c.session_info(
+            (await self._call(self._stub.ImportState, req, timeout, metadata)).session
+        )
 
     # ---- normalization
 
@@ -145,17 +194,25 @@ class AsyncClient:
         mode: c.ModeName = "train",
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
         t = c.as_tensor(x)
         if not c.fits_unary(t, self.chunk_bytes):
             async for result in self.normalize_stream(
-                session_id, [x], mode=mode, statistics_only=statistics_only, timeout=timeout
+                session_id,
+                [x],
+                mode=mode,
+                statistics_only=statistics_only,
+                timeout=timeout,
+                metadata=metadata,
             ):
                 return result
             raise AssertionError("the stream ended without an answer")
         req = c.normalize_request(session_id, t, mode, statistics_only)
-        return c.normalize_result(await self._call(self._normalize, req, timeout), c._Like.of(x))
+        return c.normalize_result(
+            await self._call(self._normalize, req, timeout, metadata), c._Like.of(x)
+        )
 
     async def normalize_stream(
         self,
@@ -165,12 +222,15 @@ class AsyncClient:
         mode: c.ModeName = "train",
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
+        metadata: Metadata = None,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order."""
         plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
-            call = self._normalize_stream(plan.requests(batches), timeout=timeout)
+            call = self._normalize_stream(
+                plan.requests(batches), timeout=timeout, metadata=self._metadata(metadata)
+            )
             async for msg in call:
                 result = plan.feed(msg)
                 if result is not None:
@@ -180,8 +240,10 @@ class AsyncClient:
 
     # ---- health
 
-    async def health(self, service: str = "", *, timeout: Any = _DEFAULT) -> str:
+    async def health(
+        self, service: str = "", *, timeout: Any = _DEFAULT, metadata: Metadata = None
+    ) -> str:
         """The health service's status: "SERVING", "NOT_SERVING", ..."""
         req = health_pb2.HealthCheckRequest(service=service)
-        status = (await self._call(self._health.Check, req, timeout)).status
+        status = (await self._call(self._health.Check, req, timeout, metadata)).status
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status)

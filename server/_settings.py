@@ -46,7 +46,12 @@ class Settings:
         "host:port serving Prometheus /metrics (port 0 picks one; 'off' disables). The container "
         "image uses 0.0.0.0:9464.",
     )
-    torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    torch_threads: int = _opt(
+        1,
+        "torch intra-op threads per call (0: torch's default, one per core). 1 by default: the "
+        "server runs many calls at once, and intra-op worker threads that spin between kernels "
+        "steal the cores gRPC needs",
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("plain", "plain or json (one JSON object per line)")
 
