@@ -70,9 +70,14 @@ def test_json_log_lines() -> None:
     assert line["time"].endswith("Z")
 
 
-def test_client_metadata_reaches_the_server(server: Server, caplog: pytest.LogCaptureFixture) -> None:
-    with Client(server.address, metadata=[("x-tenant", "blue")]) as client:
-        with caplog.at_level(logging.INFO, logger="normserve"), pytest.raises(NormserveError):
-            client.get_session("nope", metadata=[("x-request-id", "from-client")])
+def test_client_metadata_reaches_the_server(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        Client(server.address, metadata=[("x-tenant", "blue")]) as client,
+        caplog.at_level(logging.INFO, logger="normserve"),
+        pytest.raises(NormserveError),
+    ):
+        client.get_session("nope", metadata=[("x-request-id", "from-client")])
     (record,) = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
     assert record.request_id == "from-client"
