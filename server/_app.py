@@ -45,7 +45,7 @@ class Server:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+            torch.set_num_threads(settings.torch_threads)  # process-wide (checked: RPC threads too)
         self.sessions = SessionManager(settings.device, settings.max_sessions)
         self.metrics = Metrics(registry)
         self.metrics.track_sessions(lambda: len(self.sessions))

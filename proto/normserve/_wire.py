@@ -46,6 +46,8 @@ class WireError(TensorFormatError):
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # the common case: one byte
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -190,20 +192,34 @@ def _enc_varint(v: int) -> bytes:
 
 
 _KEYS = {(n, w): _enc_varint(n << 3 | w) for n in range(1, 16) for w in (_VARINT, _LEN)}
+# Tensor headers depend only on (field, dtype, shape): a session sees few distinct ones, so they
+# are built once. Bounded, so hostile shape variety cannot grow it without limit.
+_HEADERS: dict[tuple[int, int, tuple[int, ...]], bytes] = {}
+_MAX_HEADERS = 4096
+
+
+def _tensor_header(number: int, code: int, shape: tuple[int, ...], nbytes: int) -> bytes:
+    key = (number, code, shape)
+    head = _HEADERS.get(key)
+    if head is not None:
+        return head
+    dims = b"".join(_enc_varint(d) for d in shape)
+    body = bytearray()
+    if code:
+        body += _KEYS[1, _VARINT] + _enc_varint(code)
+    if dims:
+        body += _KEYS[2, _LEN] + _enc_varint(len(dims)) + dims
+    if nbytes:
+        body += _KEYS[3, _LEN] + _enc_varint(nbytes)
+    head = _KEYS[number, _LEN] + _enc_varint(len(body) + nbytes) + bytes(body)
+    if len(_HEADERS) < _MAX_HEADERS:
+        _HEADERS[key] = head
+    return head
 
 
 def _tensor_parts(number: int, tensor: torch.Tensor) -> list[Any]:
     code, shape, data = tensor_payload(tensor)
-    dims = b"".join(_enc_varint(d) for d in shape)
-    head = bytearray()
-    if code:
-        head += _KEYS[1, _VARINT] + _enc_varint(code)
-    if dims:
-        head += _KEYS[2, _LEN] + _enc_varint(len(dims)) + dims
-    if len(data):
-        head += _KEYS[3, _LEN] + _enc_varint(len(data))
-    size = len(head) + len(data)
-    return [_KEYS[number, _LEN] + _enc_varint(size) + head, data]
+    return [_tensor_header(number, code, shape, len(data)), data]
 
 
 def _scalar(number: int, value: int) -> bytes:

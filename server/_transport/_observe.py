@@ -67,6 +67,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         m = self.metrics
         is_stream = method == "NormalizeStream"
+        inflight = m.inflight.labels(method) if m is not None else None
 
         def finish(call: CallInfo, context: grpc.ServicerContext, t0: float, exc: Any) -> None:
             elapsed = time.perf_counter() - t0
@@ -77,8 +78,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
             name = code.name
             if m is not None:
-                m.child(m.rpc_duration, method, call.kind, call.mode, name).observe(elapsed)
-                m.child(m.requests, method, name).inc()
+                m.record_call(method, call.kind, call.mode, name, elapsed)
             if code is grpc.StatusCode.OK:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -97,16 +97,16 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
         def enter(context: grpc.ServicerContext) -> tuple[CallInfo, contextvars.Token[Any], float]:
             call = CallInfo(method, _request_id(context))
-            if m is not None:
-                m.child(m.inflight, method).inc()
+            if m is not None and inflight is not None:
+                inflight.inc()
                 if is_stream:
                     m.open_streams.inc()
             return call, _current.set(call), time.perf_counter()
 
         def leave(token: contextvars.Token[Any]) -> None:
             _current.reset(token)
-            if m is not None:
-                m.child(m.inflight, method).dec()
+            if m is not None and inflight is not None:
+                inflight.dec()
                 if is_stream:
                     m.open_streams.dec()
 
@@ -142,17 +142,19 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
         if m is None:
             return wrap_handler(handler, unary, streaming)
-        received = m.child(m.received_bytes, method)
-        sent = m.child(m.sent_bytes, method)
+        hot = m.hot
         deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        key = (method,)
 
         def counting_deserializer(raw: bytes) -> Any:
-            received.inc(len(raw))
+            with hot.lock:
+                hot.received.inc(key, len(raw))
             return deserialize(raw) if deserialize else raw
 
         def counting_serializer(msg: Any) -> bytes:
             raw = serialize(msg) if serialize else msg
-            sent.inc(len(raw))
+            with hot.lock:
+                hot.sent.inc(key, len(raw))
             return raw
 
         return wrap_handler(handler, unary, streaming, counting_deserializer, counting_serializer)
@@ -182,12 +184,12 @@ class StageRecorder:
         m = self.metrics
         if m is None:
             return
-        kind = session.config.kind.value
-        stage = m.stage_duration
-        m.child(stage, method, "decode").observe(decode)
-        m.child(stage, method, "wait").observe(result.wait_seconds)
-        m.child(stage, method, "compute").observe(result.compute_seconds)
-        m.child(stage, method, "encode").observe(encode)
-        m.child(m.elements, kind, mode.value).inc(elements)
-        if mode is Mode.TRAIN and session.config.track_running_stats:
-            m.child(m.applied, kind).inc()
+        cfg = session.config
+        m.record_batch(
+            method,
+            cfg.kind.value,
+            mode.value,
+            (decode, result.wait_seconds, result.compute_seconds, encode),
+            elements,
+            mode is Mode.TRAIN and cfg.track_running_stats,
+        )

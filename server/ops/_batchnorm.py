@@ -63,35 +63,61 @@ def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _first(x: torch.Tensor) -> torch.Tensor:
+    """Each channel's first value, as a view shaped to broadcast against x: the pivot."""
+    return (
+        x[0:1] if x.dim() == 2 else x[(slice(0, 1), slice(None), *([slice(0, 1)] * (x.dim() - 2)))]
+    )
+
+
+Running = tuple[torch.Tensor, torch.Tensor]
+
+
 def batch_norm_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalizes ``x`` ([N, C, *]) with its own statistics; returns (output in x's dtype, mean,
-    biased variance), the statistics per channel in the compute dtype (float32, or float64).
+    running: Running | None = None,
+    factor: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Running | None]:
+    """Normalizes ``x`` ([N, C, *]) with its own statistics. Returns the output (x's dtype), the
+    batch mean and biased variance per channel (compute dtype), and, given ``running`` (mean, var),
+    new running statistics updated as torch does with ``factor`` (new tensors; inputs untouched).
 
-    The batch is first shifted by a per-channel pivot drawn from itself, then torch's fused
-    training kernel computes statistics and output in one pass. The shift changes nothing
-    mathematically (normalization is shift-invariant) but everything numerically: for mean 1e4,
-    std 1e-2 float32 data torch's CPU kernel alone is off by ~2e-3 relative on the variance; on
-    shifted data it is accurate to ~1e-6. Subtracting a pivot close to the data is exact in
-    float32 (Sterbenz), so no information is lost. The variance is recovered from the kernel's
-    1/sqrt(var + eps), to ~1e-7 of (var + eps).
+    The batch is first shifted by a per-channel pivot (its first value), then torch's fused
+    training kernel computes statistics, output and running update in one pass. The shift changes
+    nothing mathematically (normalization is shift-invariant; the running mean is shifted and
+    shifted back) but everything numerically: for mean 1e4, std 1e-2 float32 data torch's CPU
+    kernel alone is off by ~2e-3 relative on the variance; on shifted data by ~1e-6, even when the
+    pivot is an outlier. Subtracting a value close to the data is exact in float32 (Sterbenz).
+    The variance is recovered from the kernel's 1/sqrt(var + eps), to ~1e-7 of (var + eps).
     """
     work = _work(x)
-    pivot = _pivot(work)
-    d = work - _broadcast(pivot, work.dim())
-    if work.dtype == torch.float64:
+    pivot = _first(work)
+    d = work - pivot
+    flat = pivot.reshape(-1)
+    new: Running | None = None
+    if work.dtype == torch.float64:  # float32 running statistics cannot ride in a float64 kernel
         weight = None if weight is None else weight.double()
         bias = None if bias is None else bias.double()
-    out, mean_d, invstd = torch.native_batch_norm(d, weight, bias, None, None, True, 0.0, eps)
-    mean = mean_d.add_(pivot)
+        out, mean_d, invstd = torch.native_batch_norm(d, weight, bias, None, None, True, 0.0, eps)
+    elif running is not None:
+        shifted_mean, var_out = running[0] - flat, running[1].clone()
+        out, mean_d, invstd = torch.native_batch_norm(
+            d, weight, bias, shifted_mean, var_out, True, factor, eps
+        )
+        new = (shifted_mean.add_(flat), var_out)
+    else:
+        out, mean_d, invstd = torch.native_batch_norm(d, weight, bias, None, None, True, 0.0, eps)
+    mean = mean_d.add_(flat)
     var = invstd.pow_(-2).sub_(eps).clamp_min_(0.0)
+    if running is not None and new is None:
+        count = work.numel() // work.shape[1]
+        new = update_running(running[0], running[1], mean, var, count, factor)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
-    return out, mean, var
+    return out, mean, var, new
 
 
 def moments(x: torch.Tensor) -> Moments:

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,7 +53,7 @@ class NormalizeResult:
     compute_seconds: float = 0.0
 
 
-def _describe(shape: torch.Size | list[int]) -> str:
+def _describe(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -142,16 +143,18 @@ class Session:
         if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
             raise InvalidArgument(field, "contains NaN or Inf; nothing was applied")
 
-    def _check_count(self, count: int, field: str, shape: str) -> None:
+    def _check_count(self, count: int, field: str, shape: Sequence[int]) -> None:
         if count <= 1:
             raise InvalidArgument(
                 f"{field}.shape",
-                f"batch statistics need more than 1 value per channel, got input size {shape}",
+                "batch statistics need more than 1 value per channel, "
+                f"got input size {_describe(shape)}",
             )
 
-    def _check_stats(self, mean: torch.Tensor, var: torch.Tensor, field: str) -> None:
-        # NaN/Inf in the input make the statistics non-finite; so can values too large to square.
-        if not self.config.allow_non_finite and not math.isfinite(float((mean + var).sum())):
+    def _check_stats(self, var: torch.Tensor, field: str) -> None:
+        # NaN/Inf anywhere in the input make every statistic of its channel non-finite, the
+        # variance included (inf - inf); so can values too large to square. One reduction.
+        if not self.config.allow_non_finite and not math.isfinite(float(var.sum())):
             raise InvalidArgument(
                 field,
                 "contains NaN or Inf (or values too large for float32 statistics); "
@@ -176,10 +179,36 @@ class Session:
             running_mean, running_var = ops.update_running(
                 s.running_mean, s.running_var, mean, var, count, factor
             )
-            self._state = SessionState(
-                s.version + 1, n, running_mean, running_var, s.weight, s.bias, time.time()
-            )
+            self._commit(s, n, running_mean, running_var)
             return s.version + 1, waited
+
+    def _train(
+        self, x: torch.Tensor, field: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+        """One TRAIN batch with running statistics, fused: output, statistics and running update
+        in one kernel, under the session's lock (which orders the updates; TRAIN calls to one
+        session are serialized anyway). Returns (output, mean, var, version, seconds waited)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            waited = time.perf_counter() - t0
+            s = self._state
+            assert s.running_mean is not None and s.running_var is not None
+            n = s.num_batches_tracked + 1
+            factor = ops.ema_factor(self.config.momentum, n)
+            out, mean, var, new = ops.batch_norm_train(
+                x, s.weight, s.bias, self.config.eps, (s.running_mean, s.running_var), factor
+            )
+            self._check_stats(var, field)  # before the commit: a bad batch changes nothing
+            assert new is not None
+            self._commit(s, n, *new)
+            return out, mean, var, s.version + 1, waited
+
+    def _commit(
+        self, s: SessionState, n: int, running_mean: torch.Tensor, running_var: torch.Tensor
+    ) -> None:
+        self._state = SessionState(
+            s.version + 1, n, running_mean, running_var, s.weight, s.bias, time.time()
+        )
 
     def _result(
         self,
@@ -220,16 +249,19 @@ class Session:
                 output = ops.normalize(x, mean, var, state.weight, state.bias, cfg.eps)
             return self._result(output, mean, var, state.version, False, 0.0, t0)
         count = x.numel() // x.shape[1]
-        self._check_count(count, "input", _describe(x.shape))
+        self._check_count(count, "input", x.shape)
+        version, waited = state.version, 0.0
         if statistics_only:
             m = ops.moments(x)
             mean, var = m.mean, m.var
+            self._check_stats(var, "input")
+            if mode is Mode.TRAIN and cfg.track_running_stats:
+                version, waited = self._apply(mean, var, count)
+        elif mode is Mode.TRAIN and cfg.track_running_stats:
+            output, mean, var, version, waited = self._train(x, "input")
         else:
-            output, mean, var = ops.batch_norm_train(x, state.weight, state.bias, cfg.eps)
-        self._check_stats(mean, var, "input")
-        version, waited = state.version, 0.0
-        if mode is Mode.TRAIN and cfg.track_running_stats:
-            version, waited = self._apply(mean, var, count)
+            output, mean, var, _ = ops.batch_norm_train(x, state.weight, state.bias, cfg.eps)
+            self._check_stats(var, "input")
         return self._result(output, mean, var, version, True, waited, t0)
 
     def start_batch(self, mode: Mode, statistics_only: bool = False) -> ChunkedBatch:
@@ -372,10 +404,10 @@ class ChunkedBatch:
         cfg = s.config
         if self._batch_stats:
             m = self._moments
-            s._check_count(m.count if m else 0, "chunk", _describe([self._rows, *first.shape[1:]]))
+            s._check_count(m.count if m else 0, "chunk", [self._rows, *first.shape[1:]])
             assert m is not None
             mean, var = m.mean.float(), m.var.float()
-            s._check_stats(mean, var, "chunk")
+            s._check_stats(var, "chunk")
             version, waited = state.version, 0.0
             if self.mode is Mode.TRAIN and cfg.track_running_stats:
                 version, waited = s._apply(mean, var, m.count)

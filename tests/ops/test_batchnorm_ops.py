@@ -33,7 +33,7 @@ def test_batch_norm_train_matches_torch(shape: tuple[int, ...], dtype: torch.dty
     x = (torch.randn(shape) * 2 + 3).to(dtype)
     c = shape[1]
     w, b = torch.rand(c) + 0.5, torch.randn(c)
-    out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    out, mean, var, _ = ops.batch_norm_train(x, w, b, 1e-5)
     assert out.dtype == dtype and out.shape == x.shape
     ref_mean, ref_var = _ref(x)
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
@@ -46,14 +46,39 @@ def test_batch_norm_train_matches_torch(shape: tuple[int, ...], dtype: torch.dty
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
-def test_batch_norm_train_accurate_where_float32_fails() -> None:
+@pytest.mark.parametrize("outlier", [0.0, 100.0, 1e4])
+def test_batch_norm_train_accurate_where_float32_fails(outlier: float) -> None:
+    """Mean 1e4, std 1e-2, even when the pivot (each channel's first value) is an outlier."""
     g = torch.Generator().manual_seed(2)
-    for shape in [(64, 256), (32, 16, 8, 8)]:
+    for shape in [(64, 256), (32, 16, 8, 8), (256, 1024)]:
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
+        x[(0, slice(None), *([0] * (x.dim() - 2)))] += outlier * 1e-2
         _, var64 = _ref(x)
-        _, _, var = ops.batch_norm_train(x, None, None, 1e-5)
+        _, _, var, _ = ops.batch_norm_train(x, None, None, 1e-5)
         rel = ((var.double() - var64).abs() / var64).max().item()
         assert rel <= 1e-4, rel
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_fused_running_update_matches_torch(momentum: float | None, dtype: torch.dtype) -> None:
+    bn = torch.nn.BatchNorm2d(4, momentum=momentum)
+    running = (bn.running_mean.clone(), bn.running_var.clone())
+    for n in range(1, 6):
+        x = (torch.randn(5, 4, 3, 3) * n + 10 * n).to(dtype)
+        before = tuple(t.clone() for t in running)
+        ref = bn(x.float()).to(dtype)
+        out, _, _, new = ops.batch_norm_train(
+            x, None, None, 1e-5, running, ops.ema_factor(momentum, n)
+        )
+        assert new is not None and all(
+            torch.equal(a, b) for a, b in zip(before, running, strict=True)
+        )
+        running = new
+        tol = 2e-3 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(out, ref.detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(running[0], bn.running_mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(running[1], bn.running_var, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (32, 16, 8, 8)])
