@@ -53,6 +53,11 @@ class NormalizeResult:
     compute_seconds: float = 0.0
 
 
+def _total(t: torch.Tensor) -> float:
+    """Sum of a small tensor as a float (numpy's sum when on the CPU: a fraction of torch's cost)."""
+    return float(t.numpy().sum() if t.device.type == "cpu" else t.sum())
+
+
 def _describe(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -154,7 +159,7 @@ class Session:
     def _check_stats(self, var: torch.Tensor, field: str) -> None:
         # NaN/Inf anywhere in the input make every statistic of its channel non-finite, the
         # variance included (inf - inf); so can values too large to square. One reduction.
-        if not self.config.allow_non_finite and not math.isfinite(float(var.sum())):
+        if not self.config.allow_non_finite and not math.isfinite(_total(var)):
             raise InvalidArgument(
                 field,
                 "contains NaN or Inf (or values too large for float32 statistics); "
