@@ -1,5 +1,9 @@
 """A raw bytes echo gRPC service with normserve's server settings: the transport limit to compare with.
 
+Two more methods are floors rather than limits: ``Kernel`` (view the batch, one torch kernel, send
+the output: the least a Python server must do per unary batch) and ``StoreForward`` (hold each
+streamed batch until its last chunk, then echo it: what whole-batch statistics impose on a stream).
+
 ``python benchmarks/echo.py [--address 127.0.0.1:0]`` serves ``/bench.Echo/Unary`` (returns the
 request bytes) and ``/bench.Echo/Stream`` (returns every message as it arrives) and prints
 ``listening on HOST:PORT`` to stdout once it is bound; SIGTERM or SIGINT stops it.
@@ -20,13 +24,17 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import torch
 
-from normserve.server._app import channel_options
+from normserve import _wire as wire
+from normserve.server._app import channel_options, tune_malloc
 from normserve.server._settings import Settings
 
 SERVICE = "bench.Echo"
 UNARY = f"/{SERVICE}/Unary"
 STREAM = f"/{SERVICE}/Stream"
+KERNEL = f"/{SERVICE}/Kernel"
+STORE = f"/{SERVICE}/StoreForward"
 
 
 def _unary(request: bytes, context: Any) -> bytes:
@@ -37,9 +45,33 @@ def _stream(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
     yield from requests
 
 
+def _kernel(request: bytes, context: Any) -> bytes:
+    """A floor for a unary TRAIN call: the least any Python server must do with a batch. View the
+    tensor in a NormalizeRequest (zero-copy), run ONE fused torch batch-norm kernel, and send the
+    output back (one copy). No sessions, no running statistics, no checks, no metrics."""
+    x = wire.parse_normalize_request(request).tensor()
+    out = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)[0]
+    return b"".join(wire._tensor_parts(1, out))
+
+
+def _store_forward(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
+    """A floor for a streamed TRAIN batch: no output can leave before the last chunk has arrived
+    (the statistics cover the whole batch), so hold each batch's messages until its end_of_batch,
+    then send them all back. No parsing of the tensors, no computing."""
+    held: list[bytes] = []
+    for raw in requests:
+        held.append(raw)
+        if wire.parse_stream_request(raw).end_of_batch:
+            yield from held
+            held = []
+
+
 def build_server(address: str, settings: Settings | None = None) -> tuple[grpc.Server, str]:
     """An unstarted echo server bound to ``address``; returns it and the bound host:port."""
     settings = settings or Settings()
+    torch.set_num_threads(settings.torch_threads or torch.get_num_threads())
+    if settings.malloc_tuning:  # the same process settings as a normserve server
+        tune_malloc()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
         options=channel_options(settings.max_message_bytes),
@@ -49,6 +81,8 @@ def build_server(address: str, settings: Settings | None = None) -> tuple[grpc.S
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Stream": grpc.stream_stream_rpc_method_handler(_stream),
+        "Kernel": grpc.unary_unary_rpc_method_handler(_kernel),
+        "StoreForward": grpc.stream_stream_rpc_method_handler(_store_forward),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port(address)

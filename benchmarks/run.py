@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from echo import STREAM, UNARY
+from echo import KERNEL, STORE, STREAM, UNARY
 
 from normserve.client import AsyncClient
 from normserve.client._bench import (
@@ -58,7 +58,8 @@ SCAN = (1, 2, 4, 8, 16, 64)
 
 @dataclass(frozen=True)
 class Spec:
-    """One measurement: ``server`` 'echo' or 'normserve', ``rpc`` 'unary' or 'stream'."""
+    """One measurement: ``server`` 'echo' or 'normserve' (or the floors 'kernel', unary, and
+    'store', stream: see benchmarks/echo.py), ``rpc`` 'unary' or 'stream'."""
 
     workload: str
     server: str
@@ -89,6 +90,7 @@ def plan(quick: bool) -> list[Spec]:
         add(Spec("M", "echo", "unary", "-", 1), Spec("M", "normserve", "unary", "train", 1))
         add(Spec("L", "echo", "stream", "-", 1), Spec("L", "normserve", "stream", "train", 1))
         add(Spec("S", "echo", "unary", "-", 64), Spec("S", "normserve", "unary", "train", 64))
+        add(Spec("S", "kernel", "unary", "-", 1), Spec("L", "store", "stream", "-", 1))
         return specs
     for wl in WORKLOADS:
         rpcs = ("stream",) if wl in STREAM_ONLY else ("unary", "stream")
@@ -99,6 +101,9 @@ def plan(quick: bool) -> list[Spec]:
                     add(Spec(wl, "normserve", rpc, mode, conc))
     for conc in SCAN:
         add(Spec("S", "echo", "unary", "-", conc), Spec("S", "normserve", "unary", "train", conc))
+    for conc in (1, 4):  # the floors
+        add(Spec("S", "kernel", "unary", "-", conc), Spec("M", "kernel", "unary", "-", conc))
+        add(Spec("L", "store", "stream", "-", conc))
     return specs
 
 
@@ -225,6 +230,8 @@ async def measure_all(
     async with AsyncClient(normserve_at, timeout=30) as ns, AsyncClient(echo_at, timeout=30) as ec:
         echo_unary = ec._channel.unary_unary(UNARY)
         echo_stream = ec._channel.stream_stream(STREAM)
+        kernel_unary = ec._channel.unary_unary(KERNEL)
+        store_stream = ec._channel.stream_stream(STORE)
         for i, spec in enumerate(specs, 1):
             x = inputs[spec.workload]
             session = await ns.create_session(x.shape[1])
@@ -233,6 +240,18 @@ async def measure_all(
                 factory: CallFactory
                 if spec.server == "normserve":
                     factory = normserve_calls(ns, sid, x, rpc=spec.rpc, mode=spec.mode, timeout=30)
+                elif spec.server == "kernel":
+                    wires = encode_batch(sid, x, "train", rpc="unary")
+                    factory = unary_calls(kernel_unary, wires[0], timeout=30)
+                elif spec.server == "store":
+                    wires = encode_batch(sid, x, "train", rpc="stream")
+                    last = len(wires) - 1
+                    factory = stream_calls(
+                        store_stream,
+                        wires,
+                        batch_done=lambda _, k, last=last: k == last,
+                        timeout=30,
+                    )
                 else:
                     # The very bytes normserve is sent, echoed back without being parsed.
                     wires = encode_batch(sid, x, "train", rpc=spec.rpc)
@@ -328,6 +347,22 @@ def targets(
     check("S unary TRAIN c4 throughput >= 0.8x echo", tput, lambda v: v >= 0.8, "{:.2f}x")
     tput = ratios(results, compute, Spec("L", "normserve", "stream", "train", 1))["throughput"]
     check("L stream TRAIN c1 throughput >= 0.7x echo stream", tput, lambda v: v >= 0.7, "{:.2f}x")
+    # The floors: what any Python server doing this job pays, measured the same way.
+    for wl in ("S", "M"):
+        floor = ratios(results, compute, Spec(wl, "kernel", "unary", "-", 1))["latency"]
+        check(
+            f"(floor) {wl} unary: bytes -> one torch kernel -> bytes, p50 / echo p50",
+            floor,
+            lambda v: v <= 1.2,
+            "{:.2f}x",
+        )
+    floor = ratios(results, compute, Spec("L", "store", "stream", "-", 1))["throughput"]
+    check(
+        "(floor) L stream: store-and-forward echo throughput / echo",
+        floor,
+        lambda v: v >= 0.7,
+        "{:.2f}x",
+    )
     r64 = _get(results, Spec("S", "normserve", "unary", "train", 64))
     if r64 is None:
         out.append(("S unary TRAIN c64: no errors", "not measured", "n/a"))
@@ -378,7 +413,11 @@ def workload_rows(
             continue
         lat = r.latency_us()
         rat = ratios(results, compute, spec)
-        name = "echo" if spec.server == "echo" else f"normserve {spec.mode.upper()}"
+        name = {
+            "echo": "echo",
+            "kernel": "floor: one torch kernel",
+            "store": "floor: store-and-forward echo",
+        }.get(spec.server, f"normserve {spec.mode.upper()}")
         errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
         rows.append(
             [
@@ -390,8 +429,8 @@ def workload_rows(
                 fmt_us(lat["p99"]),
                 fmt_us(lat["p99.9"]),
                 errors,
-                _x(rat["latency"]) if spec.server == "normserve" else "1.00x",
-                _x(rat["throughput"]) if spec.server == "normserve" else "1.00x",
+                _x(rat["latency"]) if spec.server != "echo" else "1.00x",
+                _x(rat["throughput"]) if spec.server != "echo" else "1.00x",
                 _pct(rat["compute_share"]),
             ]
         )
@@ -579,7 +618,7 @@ def summary_text(
 ) -> str:
     rows = []
     for spec in specs:
-        if spec.server != "normserve":
+        if spec.server == "echo":
             continue
         r = _get(results, spec)
         if r is None:
@@ -589,7 +628,7 @@ def summary_text(
             [
                 spec.workload,
                 spec.rpc,
-                spec.mode.upper(),
+                spec.mode.upper() if spec.server == "normserve" else f"({spec.server})",
                 str(spec.concurrency),
                 fmt_us(r.latency_us()["p50"]),
                 _x(rat["latency"]),

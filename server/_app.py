@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from types import FrameType
@@ -38,12 +41,28 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Keeps large allocations in glibc's heap instead of a fresh mmap each time (process-wide;
+    a no-op without glibc). Returns whether it applied."""
+    name = ctypes.util.find_library("c")
+    if not name or sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        # mallopt parameters from malloc.h: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3
+        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 class Server:
     """A started normserve server in this process. ``port`` is the bound port (useful with :0);
     ``metrics`` holds its Prometheus collectors (on ``registry``, or a fresh one)."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
+        if settings.malloc_tuning:
+            tune_malloc()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # process-wide (checked: RPC threads too)
         self.sessions = SessionManager(settings.device, settings.max_sessions)

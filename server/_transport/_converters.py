@@ -128,6 +128,17 @@ def normalize_response(r: NormalizeResult) -> bytes:
     return wire.encode_normalize_response(r.output, r.mean, r.var, r.version, r.batch_statistics)
 
 
+def stream_chunk(
+    head: NormalizeResult | None, out: torch.Tensor, batch_index: int, last: bool
+) -> bytes:
+    """One encoded answer chunk of a pipelined batch; ``head`` (statistics, version) on the first."""
+    if head is None:
+        return wire.encode_stream_response(batch_index, out, last)
+    return wire.encode_stream_response(
+        batch_index, out, last, head.mean, head.var, head.version, head.batch_statistics
+    )
+
+
 def stream_answers(
     r: NormalizeResult, outputs: list[torch.Tensor], batch_index: int
 ) -> Iterator[tuple[float, bytes]]:

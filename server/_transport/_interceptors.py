@@ -121,6 +121,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     yield from fn(request, context)
+                except grpc.RpcError:
+                    # Raised by the request iterator when the client cancels or its deadline
+                    # passes: the call is over, there is nobody to answer and nothing went wrong.
+                    if context.is_active():
+                        raise
                 except Exception as exc:
                     _abort(exc, context, method)
 

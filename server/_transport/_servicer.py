@@ -127,12 +127,14 @@ def _serve_stream(
     sessions: SessionManager, stages: StageRecorder, requests: Iterable[bytes]
 ) -> Iterator[bytes]:
     """The chunk protocol: the first chunk of a batch names session and mode, end_of_batch closes
-    it; the answer is the statistics, then the output chunks, in batch order."""
+    it; the answer is the statistics, then the output chunks, in batch order. A batch that needs
+    its own statistics is answered after its last chunk; one that does not (EVAL with running
+    statistics) is answered chunk by chunk as they arrive, so its transfers overlap."""
     batch: ChunkedBatch | None = None
     header: tuple[str, int, bool] = ("", 0, False)
     index = 0
-    decode = 0.0
-    elements = 0
+    decode = encode = 0.0
+    elements = sent = 0
     for raw in requests:
         t0 = perf_counter()
         req = wire.parse_stream_request(raw)
@@ -142,21 +144,29 @@ def _serve_stream(
             mode = conv.mode(req.mode)
             stages.label(session, mode)
             batch = session.start_batch(mode, req.statistics_only)
-            decode = 0.0
-            elements = 0
+            decode = encode = 0.0
+            elements = sent = 0
         else:
             _check_header(req, header, index)
         if req.has_tensor:
             x = req.tensor()
             decode += perf_counter() - t0
             elements += x.numel()
-            batch.add(x)
+            out = batch.add(x)
+            if out is not None:  # pipelined: answer this chunk now
+                t1 = perf_counter()
+                msg = conv.stream_chunk(
+                    batch.header() if not sent else None, out, index, req.end_of_batch
+                )
+                encode += perf_counter() - t1
+                sent += 1
+                yield msg
         if req.end_of_batch:
             result, outputs = batch.finish()
-            encode = 0.0
-            for t1, msg in conv.stream_answers(result, outputs, index):
-                encode += perf_counter() - t1
-                yield msg
+            if not sent:
+                for t1, msg in conv.stream_answers(result, outputs, index):
+                    encode += perf_counter() - t1
+                    yield msg
             stages.batch(
                 "NormalizeStream", batch.session, batch.mode, result, elements, decode, encode
             )

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "Moments",
@@ -174,10 +173,15 @@ def moments(x: torch.Tensor) -> Moments:
     d = work - _broadcast(pivot, work.dim())
     s1 = d.sum(dim=dims)
     s2 = d.square_().sum(dim=dims)
+    if s1.device.type == "cpu":  # [C]-sized float64 arithmetic: numpy, a fraction of torch's cost
+        a1, a2 = s1.numpy().astype(np.float64), s2.numpy().astype(np.float64)
+        mean = pivot.numpy().astype(np.float64) + a1 / count
+        m2 = np.maximum(a2 - a1 * a1 / count, 0.0)
+        return Moments(count, torch.from_numpy(mean), torch.from_numpy(m2))
     s = torch.stack((s1, s2, pivot)).to(_ACC)
-    mean = torch.add(s[2], s[0], alpha=1.0 / count)
-    m2 = torch.addcmul(s[1], s[0], s[0], value=-1.0 / count).clamp_min_(0.0)
-    return Moments(count=count, mean=mean, m2=m2)
+    mean_t = torch.add(s[2], s[0], alpha=1.0 / count)
+    m2_t = torch.addcmul(s[1], s[0], s[0], value=-1.0 / count).clamp_min_(0.0)
+    return Moments(count=count, mean=mean_t, m2=m2_t)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -187,10 +191,16 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     if b.count == 0:
         return a
     n = a.count + b.count
-    delta = b.mean - a.mean
-    mean = a.mean + delta * (b.count / n)
-    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
-    return Moments(count=n, mean=mean, m2=m2)
+    if a.mean.device.type == "cpu":
+        am, bm = a.mean.numpy(), b.mean.numpy()
+        delta = bm - am
+        mean = am + delta * (b.count / n)
+        m2 = a.m2.numpy() + b.m2.numpy() + delta * delta * (a.count * b.count / n)
+        return Moments(n, torch.from_numpy(mean), torch.from_numpy(m2))
+    delta_t = b.mean - a.mean
+    mean_t = a.mean + delta_t * (b.count / n)
+    m2_t = a.m2 + b.m2 + delta_t * delta_t * (a.count * b.count / n)
+    return Moments(count=n, mean=mean_t, m2=m2_t)
 
 
 def normalize(
@@ -210,7 +220,7 @@ def normalize(
         mean, var = mean.double(), var.double()
         weight = None if weight is None else weight.double()
         bias = None if bias is None else bias.double()
-    return F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True)
 
 
 def ema_factor(momentum: float | None, num_batches_tracked: int) -> float:

@@ -364,8 +364,15 @@ class ChunkedBatch:
         self._state = session.state
         self._batch_stats = session.uses_batch_statistics(mode)
 
-    def add(self, x: torch.Tensor, field: str = "chunk") -> None:
-        """Validates one chunk against the first and folds its statistics in."""
+    @property
+    def pipelined(self) -> bool:
+        """Whether each chunk's output is ready as soon as the chunk is (EVAL with running
+        statistics: nothing depends on the rest of the batch), so it can be sent right away."""
+        return not self._batch_stats and not self.statistics_only
+
+    def add(self, x: torch.Tensor, field: str = "chunk") -> torch.Tensor | None:
+        """Validates one chunk against the first and folds its statistics in; when ``pipelined``,
+        returns the chunk's output at once (and keeps nothing)."""
         t0 = time.perf_counter()
         s = self.session
         s.check_input(x, field)
@@ -385,17 +392,32 @@ class ChunkedBatch:
                     f"chunks of one batch may differ only in dim 0: expected "
                     f"[*, {', '.join(str(d) for d in first.shape[1:])}], got {_describe(x.shape)}",
                 )
-        x = x.to(s.device)
+        if x.device != s.device:
+            x = x.to(s.device)
         self._rows += x.shape[0]
+        out = None
         if self._batch_stats:
             m = ops.moments(x) if x.shape[0] else None
             if m is not None:
                 self._moments = m if self._moments is None else ops.merge_moments(self._moments, m)
+            if not self.statistics_only:
+                self._chunks.append(x)
         else:
             s._check_finite_input(x, field)
-        if not self.statistics_only:
-            self._chunks.append(x)
+            if not self.statistics_only:
+                st = self._state
+                assert st.running_mean is not None and st.running_var is not None
+                out = ops.normalize(
+                    x, st.running_mean, st.running_var, st.weight, st.bias, s.config.eps
+                )
         self._t_compute += time.perf_counter() - t0
+        return out
+
+    def header(self) -> NormalizeResult:
+        """The statistics and version a pipelined batch is normalized with (known at its start)."""
+        st = self._state
+        assert st.running_mean is not None and st.running_var is not None
+        return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
 
     def finish(self) -> tuple[NormalizeResult, list[torch.Tensor]]:
         """Applies the batch (TRAIN) and returns the result and the output chunks, one per input
@@ -420,7 +442,7 @@ class ChunkedBatch:
             assert state.running_mean is not None and state.running_var is not None
             mean, var, version, waited = state.running_mean, state.running_var, state.version, 0.0
         outputs = []
-        if not self.statistics_only:
+        if self._batch_stats and not self.statistics_only:
             w, b, eps = state.weight, state.bias, cfg.eps
             outputs = [ops.normalize(x, mean, var, w, b, eps) for x in self._chunks]
         self._chunks = []

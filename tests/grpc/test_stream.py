@@ -190,3 +190,36 @@ def test_empty_batch(client: Client, stub: pb_grpc.NormalizerStub) -> None:
         _expect_stream_error(
             stub, iter(reqs), "chunk: the batch ended without any chunk; nothing was applied"
         )
+
+
+def test_eval_chunks_are_answered_as_they_arrive(
+    client: Client, stub: pb_grpc.NormalizerStub
+) -> None:
+    """EVAL with running statistics needs nothing from later chunks: each chunk is answered at
+    once, so the sender may wait for an answer before sending the next chunk."""
+    import threading
+
+    sid = client.create_session(3).session_id
+    client.normalize(sid, torch.randn(16, 3) * 2 + 1)  # running statistics to use
+    x = torch.randn(6, 3, 4)
+    answered = threading.Event()
+
+    def requests():
+        yield pb.NormalizeStreamRequest(session_id=sid, mode=pb.MODE_EVAL, chunk=tensor(x[:2]))
+        assert answered.wait(10), "the first chunk was not answered before the batch ended"
+        yield pb.NormalizeStreamRequest(chunk=tensor(x[2:]), end_of_batch=True)
+
+    chunks = []
+    for answer in stub.NormalizeStream(requests(), timeout=20):
+        answered.set()
+        chunks.append(
+            torch.frombuffer(bytearray(answer.chunk.data), dtype=torch.float32).view(
+                list(answer.chunk.shape)
+            )
+        )
+        if answer.end_of_batch:
+            break
+    bn = torch.nn.BatchNorm1d(3)
+    bn.load_state_dict(client.export_state(sid))
+    bn.eval()
+    torch.testing.assert_close(torch.cat(chunks), bn(x).detach(), atol=1e-5, rtol=1e-5)
