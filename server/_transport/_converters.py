@@ -140,21 +140,21 @@ def stream_chunk(
 
 
 def stream_answers(
-    r: NormalizeResult, outputs: list[torch.Tensor], batch_index: int
+    r: NormalizeResult, outputs: Iterator[torch.Tensor], count: int, batch_index: int
 ) -> Iterator[tuple[float, bytes]]:
     """The encoded answer to one streamed batch: the statistics ride on the first message, output
-    chunks follow the input's chunking, the last sets end_of_batch. Yields (start time, bytes) so
-    the caller can time the encoding without counting the time spent sending."""
-    t0 = perf_counter()
-    if not outputs:  # statistics only
+    chunks follow the input's chunking, the last sets end_of_batch. Yields (start time, bytes),
+    the start taken after the chunk's output was computed, so the caller can time the encoding
+    alone (not the computing, nor the sending)."""
+    if not count:  # statistics only
         yield (
-            t0,
+            perf_counter(),
             wire.encode_stream_response(
                 batch_index, None, True, r.mean, r.var, r.version, r.batch_statistics
             ),
         )
         return
-    last = len(outputs) - 1
+    last = count - 1
     for i, out in enumerate(outputs):
         t0 = perf_counter()
         if i == 0:

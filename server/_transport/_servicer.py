@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from time import perf_counter
 from typing import Any
 
@@ -162,11 +163,12 @@ def _serve_stream(
                 sent += 1
                 yield msg
         if req.end_of_batch:
-            result, outputs = batch.finish()
+            result, count = batch.finish()
             if not sent:
-                for t1, msg in conv.stream_answers(result, outputs, index):
+                for t1, msg in conv.stream_answers(result, batch.outputs(), count, index):
                     encode += perf_counter() - t1
                     yield msg
+                result = replace(result, compute_seconds=batch.compute_seconds)
             stages.batch(
                 "NormalizeStream", batch.session, batch.mode, result, elements, decode, encode
             )

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -361,6 +361,7 @@ class ChunkedBatch:
         self._rows = 0
         self._chunks: list[torch.Tensor] = []
         self._moments: ops.Moments | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._state = session.state
         self._batch_stats = session.uses_batch_statistics(mode)
 
@@ -419,9 +420,10 @@ class ChunkedBatch:
         assert st.running_mean is not None and st.running_var is not None
         return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
 
-    def finish(self) -> tuple[NormalizeResult, list[torch.Tensor]]:
-        """Applies the batch (TRAIN) and returns the result and the output chunks, one per input
-        chunk; raises InvalidArgument (nothing applied) if the batch is empty or unusable."""
+    def finish(self) -> tuple[NormalizeResult, int]:
+        """Applies the batch (TRAIN); returns the result and how many output chunks ``outputs()``
+        will give (one per input chunk). Raises InvalidArgument (nothing applied) if the batch is
+        empty or unusable."""
         first = self._first
         if first is None:
             raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
@@ -441,10 +443,29 @@ class ChunkedBatch:
         else:
             assert state.running_mean is not None and state.running_var is not None
             mean, var, version, waited = state.running_mean, state.running_var, state.version, 0.0
-        outputs = []
-        if self._batch_stats and not self.statistics_only:
-            w, b, eps = state.weight, state.bias, cfg.eps
-            outputs = [ops.normalize(x, mean, var, w, b, eps) for x in self._chunks]
-        self._chunks = []
+        self._stats = (mean, var)
         result = s._result(None, mean, var, version, self._batch_stats, waited, t0)
-        return replace(result, compute_seconds=result.compute_seconds + self._t_compute), outputs
+        self._t_compute += result.compute_seconds
+        n = len(self._chunks) if self._batch_stats and not self.statistics_only else 0
+        return replace(result, compute_seconds=self._t_compute), n
+
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """The output chunks, computed one at a time as they are taken, so the first can be on
+        its way while the next is computed; each input chunk is released once normalized."""
+        if not self._batch_stats or self.statistics_only:
+            return
+        assert self._stats is not None, "finish() first"
+        mean, var = self._stats
+        st = self._state
+        chunks, self._chunks = self._chunks, []
+        for i in range(len(chunks)):
+            t0 = time.perf_counter()
+            x, chunks[i] = chunks[i], None  # type: ignore[call-overload]
+            out = ops.normalize(x, mean, var, st.weight, st.bias, self.session.config.eps)
+            self._t_compute += time.perf_counter() - t0
+            yield out
+
+    @property
+    def compute_seconds(self) -> float:
+        """Compute time of the batch so far (chunk statistics, finish, outputs taken)."""
+        return self._t_compute

@@ -62,7 +62,9 @@ def test_chunked_batch_equals_whole(manager: SessionManager) -> None:
     batch = b.start_batch(Mode.TRAIN)
     for part in x.tensor_split([2, 3, 9]):
         batch.add(part)
-    result, outputs = batch.finish()
+    result, count = batch.finish()
+    outputs = list(batch.outputs())
+    assert count == len(outputs) == 4
     torch.testing.assert_close(torch.cat(outputs), whole.output)
     torch.testing.assert_close(b.state.running_var, a.state.running_var)
     assert result.version == whole.version
