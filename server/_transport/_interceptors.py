@@ -24,7 +24,13 @@ from normserve.server.service import (
     ServiceError,
 )
 
-__all__ = ["ERROR_STATUS", "ErrorInterceptor", "status_for", "wrap_handler"]
+__all__ = [
+    "ERROR_STATUS",
+    "ErrorInterceptor",
+    "WrappingInterceptor",
+    "status_for",
+    "wrap_handler",
+]
 
 log = logging.getLogger("normserve.server")
 
@@ -86,8 +92,9 @@ def _abort(exc: BaseException, context: grpc.ServicerContext, method: str) -> No
     context.abort(code, message)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns exceptions into statuses through ``ERROR_STATUS``."""
+class WrappingInterceptor(grpc.ServerInterceptor):
+    """An interceptor that wraps each method's handler once (``_wrap``) and reuses the wrapper:
+    building closures per call would cost every call for nothing."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -106,6 +113,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return None
         self._handlers[method] = wrapped = self._wrap(method, handler)
         return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Turns exceptions into statuses through ``ERROR_STATUS``."""
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         def unary(fn: Behavior) -> Behavior:

@@ -19,7 +19,7 @@ import grpc
 
 from normserve.server._metrics import Metrics
 from normserve.server._transport._context import CallInfo, _current
-from normserve.server._transport._interceptors import wrap_handler
+from normserve.server._transport._interceptors import WrappingInterceptor, wrap_handler
 from normserve.server.service import Mode, NormalizeResult, Session
 
 __all__ = ["ObservabilityInterceptor", "StageRecorder"]
@@ -41,30 +41,15 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return f"{_PREFIX}-{next(_COUNTER):x}"
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
+class ObservabilityInterceptor(WrappingInterceptor):
     """Outermost interceptor: request id, in-flight gauges, per-RPC histogram, counters, logs."""
 
     def __init__(self, metrics: Metrics | None) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        full = handler_call_details.method
-        cached = self._handlers.get(full)
-        if cached is not None:
-            return cached
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        wrapped = self._wrap(full.rsplit("/", 1)[-1], handler)
-        self._handlers[full] = wrapped
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        method = full_method.rsplit("/", 1)[-1]
         m = self.metrics
         is_stream = method == "NormalizeStream"
         inflight = m.inflight.labels(method) if m is not None else None
