@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-strict", action="store_true", help="allow missing keys")
     imp.set_defaults(func=_import)
 
-    from normserve.client._bench import add_parser as add_bench_parser  # loads no matplotlib
+    from normserve.client._bench_cli import add_parser as add_bench_parser  # loads no matplotlib
 
     add_bench_parser(sub)
     return p
