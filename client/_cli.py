@@ -120,7 +120,13 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     import torch
 
-    state = torch.load(args.file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(args.file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for a file that is not a state_dict
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{args.file}: not a torch state_dict file ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{args.file}: expected a state_dict (a mapping of names to tensors)")
     with _client(args) as client:
         info = client.import_state(args.session_id, state, strict=not args.no_strict)
     print(f"imported {', '.join(state)} into {info.session_id} (version {info.version})")
@@ -165,8 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("num_features", type=int, help="channels (dim 1 of every input)")
     create.add_argument("--id", default="", help="session id (default: the server picks one)")
     create.add_argument("--eps", type=float, default=1e-5)
-    create.add_argument("--momentum", type=float, default=0.1)
-    create.add_argument(
+    momentum = create.add_mutually_exclusive_group()
+    momentum.add_argument("--momentum", type=float, default=0.1, help="EMA factor (default 0.1)")
+    momentum.add_argument(
         "--cumulative", action="store_true", help="cumulative average (torch's momentum=None)"
     )
     create.add_argument("--no-affine", action="store_true")
@@ -212,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NormserveError as err:
         print(f"normserve: {err.code.name}: {err.message}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as err:
+    except BrokenPipeError:  # e.g. `normserve session list | head`
+        sys.stderr.close()
+        return 0
+    except (OSError, ValueError, TypeError) as err:
         print(f"normserve: {err}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from normserve.server._settings import Settings
 from normserve.server._transport._interceptors import ErrorInterceptor
 from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
 from normserve.server._transport._servicer import NormalizerServicer, handlers
-from normserve.server.service import SessionManager
+from normserve.server.service import ServiceError, SessionManager
 from normserve.v1 import normserve_pb2 as pb
 
 __all__ = ["Server", "serve", "start_server"]
@@ -87,9 +87,15 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         host = settings.address.rsplit(":", 1)[0]
-        self.port = self._grpc.add_insecure_port(settings.address)
+        try:
+            self.port = self._grpc.add_insecure_port(settings.address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {settings.address}")
+            raise OSError(
+                f"--address: cannot listen on {settings.address!r} (in use, or not a host:port "
+                "of this machine)"
+            )
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
         self.metrics_server: MetricsHTTPServer | None = None
@@ -135,13 +141,18 @@ def serve(settings: Settings | None = None) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it; returns the process exit code."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
-    server = start_server(settings)
+    try:
+        settings.validate()
+        server = start_server(settings)
+    except (OSError, ValueError, ServiceError) as err:
+        log.error("normserve cannot start: %s", err)
+        return 2
     log.info(
         "normserve listening on %s (device %s, %d workers; metrics on %s)",
         server.address,
         server.sessions.default_device,
         settings.workers,
-        server.metrics_address or "off",
+        server.metrics_address or "turned off",
     )
     stop = threading.Event()
 

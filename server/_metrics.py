@@ -187,7 +187,12 @@ class MetricsHTTPServer:
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
         host, _, port = address.rpartition(":")
-        self._httpd, self._thread = start_http_server(int(port), host or "0.0.0.0", registry)
+        if not port.isdigit():
+            raise ValueError(f"--metrics-address: expected host:port or off, got {address!r}")
+        try:
+            self._httpd, self._thread = start_http_server(int(port), host or "0.0.0.0", registry)
+        except OSError as err:
+            raise OSError(f"--metrics-address: cannot listen on {address!r}: {err}") from None
         self.port = self._httpd.server_port
         self.address = f"{host}:{self.port}"
 

@@ -92,6 +92,20 @@ class Settings:
         given = {f.name: getattr(args, f.name) for f in fields(cls)}
         return cls.from_env(environ, **{k: v for k, v in given.items() if v is not None})
 
+    def validate(self) -> None:
+        """Raises ValueError naming the first flag whose value cannot work."""
+        positive = {"workers": self.workers, "max_message_bytes": self.max_message_bytes}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"--grace-seconds: must be >= 0, got {self.grace_seconds}")
+        for name in ("max_concurrent_rpcs", "max_sessions", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0")
+        if self.log_format not in ("plain", "json"):
+            raise ValueError(f"--log-format: expected plain or json, got {self.log_format!r}")
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

@@ -58,9 +58,11 @@ class ObservabilityInterceptor(WrappingInterceptor):
             elapsed = time.perf_counter() - t0
             code = context.code() if hasattr(context, "code") else None
             if code is None:
-                code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
-                if exc is None and not context.is_active():
+                if isinstance(exc, GeneratorExit | grpc.RpcError) or not context.is_active():
+                    # the client cancelled (or gRPC closed the stream at shutdown): not an error
                     code = grpc.StatusCode.CANCELLED
+                else:
+                    code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
             name = code.name
             if m is not None:
                 m.record_call(method, call.kind, call.mode, name, elapsed)
@@ -70,7 +72,9 @@ class ObservabilityInterceptor(WrappingInterceptor):
                         "%s OK %.3fms", method, elapsed * 1e3, extra={"request_id": call.request_id}
                     )
             else:
-                details = context.details() if hasattr(context, "details") else ""
+                details = (context.details() if hasattr(context, "details") else "") or ""
+                if code is grpc.StatusCode.CANCELLED and not details:
+                    details = "cancelled by the client, or by the server's shutdown"
                 log.info(
                     "%s %s %.3fms: %s",
                     method,

@@ -57,15 +57,17 @@ class SessionConfig:
             )
 
 
-def resolve_device(preference: str, default: torch.device) -> torch.device:
-    """Turns a device preference into a device this process can use, or raises."""
+def resolve_device(
+    preference: str, default: torch.device, field: str = "config.device"
+) -> torch.device:
+    """Turns a device preference into a device this process can use, or raises naming ``field``."""
     if preference in ("", "auto"):
         return default
     try:
         device = torch.device(preference)
     except RuntimeError:
         raise InvalidArgument(
-            "config.device", f"unknown device {preference!r}; expected auto, cpu, cuda or cuda:N"
+            field, f"unknown device {preference!r}; expected auto, cpu, cuda or cuda:N"
         ) from None
     if device.type == "cpu":
         return torch.device("cpu")
@@ -75,13 +77,11 @@ def resolve_device(preference: str, default: torch.device) -> torch.device:
             f"unsupported device {preference!r}; expected auto, cpu, cuda or cuda:N",
         )
     if not torch.cuda.is_available():
-        raise FailedPrecondition(
-            f"config.device: {preference!r} requested, but this server has no CUDA"
-        )
+        raise FailedPrecondition(f"{field}: {preference!r} requested, but this server has no CUDA")
     index = 0 if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise FailedPrecondition(
-            f"config.device: {preference!r} requested, but this server has "
+            f"{field}: {preference!r} requested, but this server has "
             f"{torch.cuda.device_count()} CUDA device(s)"
         )
     return torch.device("cuda", index)

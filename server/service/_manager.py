@@ -34,7 +34,7 @@ class SessionManager:
     """Owns every session of a server. Thread-safe."""
 
     def __init__(self, default_device: str = "auto", max_sessions: int = 10_000) -> None:
-        self.default_device = resolve_device(default_device, _default_device())
+        self.default_device = resolve_device(default_device, _default_device(), "--device")
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()

@@ -1,9 +1,11 @@
 """A session: one remote normalization layer, its running statistics, and how calls touch them.
 
-Concurrency model: the state is an immutable snapshot replaced under a per-session lock. A TRAIN call
-computes its batch statistics without the lock, then holds it only to fold them into the running
-statistics (microseconds), so updates are serialized and each is applied exactly once. EVAL calls
-read the current snapshot without locking, so they never wait for each other.
+Concurrency model: the state is an immutable snapshot replaced under a per-session lock, so updates
+are serialized and each is applied exactly once. A unary TRAIN call runs its one fused kernel
+(output, statistics and running update) under the lock: the update must follow the state it was
+computed from, and one kernel is cheaper than computing outside and folding in afterwards. A
+chunked TRAIN batch merges its statistics without the lock and holds it only to fold them in. EVAL
+calls read the current snapshot without locking, so they never wait for each other.
 """
 
 from __future__ import annotations

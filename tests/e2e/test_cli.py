@@ -115,3 +115,19 @@ def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[st
         t.join(20)
     assert results == [2, 3]
     assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "tpu"], "--device: unknown device 'tpu'; expected auto, cpu, cuda or cuda:N"),
+        (["--metrics-address", "nonsense"], "--metrics-address: expected host:port or off"),
+        (["--grace-seconds", "-1"], "--grace-seconds: must be >= 0, got -1.0"),
+        (["--address", "no-such-host:1"], "--address: cannot listen on 'no-such-host:1'"),
+    ],
+)
+def test_serve_refuses_bad_settings_clearly(flags: list[str], message: str) -> None:
+    done = run("serve", "--metrics-address", "127.0.0.1:0", *flags)
+    assert done.returncode == 2
+    assert "normserve cannot start: " + message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -116,3 +116,38 @@ def test_metrics_can_be_turned_off() -> None:
         assert srv.metrics_server is None and srv.metrics_address == ""
     finally:
         srv.stop(0)
+
+
+def test_a_cancelled_stream_counts_as_cancelled(observed: tuple[Server, CollectorRegistry]) -> None:
+    import threading
+    import time
+
+    import grpc
+
+    from normserve.v1 import normserve_pb2 as pb
+    from normserve.v1 import normserve_pb2_grpc as pb_grpc
+
+    from ._util import tensor
+
+    srv, reg = observed
+    with Client(srv.address) as client:
+        sid = client.create_session(2).session_id
+    hold = threading.Event()
+
+    def requests():
+        yield pb.NormalizeStreamRequest(
+            session_id=sid, mode=pb.MODE_TRAIN, chunk=tensor(torch.randn(4, 2)), end_of_batch=True
+        )
+        hold.wait(10)
+
+    with grpc.insecure_channel(srv.address) as channel:
+        call = pb_grpc.NormalizerStub(channel).NormalizeStream(requests())
+        next(call)  # the first batch is answered; the client then gives up
+        call.cancel()
+        hold.set()
+    deadline = time.monotonic() + 10
+    labels = {"method": "NormalizeStream", "code": "CANCELLED"}
+    while _value(reg, "normserve_requests_total", **labels) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _value(reg, "normserve_requests_total", **labels) == 1
+    assert _value(reg, "normserve_requests_total", method="NormalizeStream", code="UNKNOWN") == 0
