@@ -69,6 +69,7 @@ class _Recorder:
         self.histogram = new_histogram()
         self.seconds: dict[int, Any] = {}
         self.errors: Counter[str] = Counter()
+        self.messages: dict[str, str] = {}  # the first message seen for each error code
         self.second_errors: Counter[int] = Counter()
         self.last_done = start
 
@@ -81,8 +82,9 @@ class _Recorder:
         self.seconds[sec].record_value(us)
         self.last_done = max(self.last_done, done)
 
-    def error(self, name: str, done: float) -> None:
+    def error(self, name: str, done: float, message: str = "") -> None:
         self.errors[name] += 1
+        self.messages.setdefault(name, message)
         self.second_errors[int(max(0.0, done - self.start))] += 1
         self.last_done = max(self.last_done, done)
 
@@ -171,19 +173,20 @@ async def run_load(
                     in_flight += 1
                 sent = clock()
                 error = None
+                message = ""
                 try:
                     await call()
                 except NormserveError as err:
-                    error = err.code.name
+                    error, message = err.code.name, err.message
                 except Exception as err:
-                    error = type(err).__name__
+                    error, message = type(err).__name__, str(err)
                 done = clock()
                 if measured:
                     in_flight -= 1
                     if error is None:
                         rec.ok(done - min(due, sent), done)
                     else:
-                        rec.error(error, done)
+                        rec.error(error, done, message)
 
     def show() -> None:
         if progress is None:
@@ -224,6 +227,7 @@ async def run_load(
         histogram=rec.histogram,
         elapsed_s=max(finished - window, 1e-9),
         errors=dict(rec.errors),
+        error_messages=dict(rec.messages),
         bytes_per_request=bytes_per_request,
         series=rec.series(),
         config=dict(config or {}),

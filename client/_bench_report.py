@@ -53,6 +53,8 @@ class Result:
     series: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    #: the first message seen for each error code (what the server said)
+    error_messages: dict[str, str] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -88,6 +90,7 @@ class Result:
         return {
             "count": self.count,
             "errors": dict(self.errors),
+            "error_messages": dict(self.error_messages),
             "elapsed_s": round(self.elapsed_s, 6),
             "throughput_rps": round(self.throughput_rps, 3),
             "throughput_mbps": round(self.throughput_mbps, 3),
@@ -115,6 +118,7 @@ class Result:
             histogram=HdrHistogram.decode(d["histogram"].encode("ascii")),
             elapsed_s=float(s["elapsed_s"]),
             errors={k: int(v) for k, v in s.get("errors", {}).items()},
+            error_messages=dict(s.get("error_messages", {})),
             bytes_per_request=int(s.get("bytes_per_request", 0)),
             series=list(d.get("series", [])),
             config=dict(d.get("config", {})),
@@ -231,13 +235,19 @@ def format_summary(r: Result) -> str:
     lines = [
         f"bench   {what}".rstrip(),
         f"count   {r.count} ok, {r.error_count} errors in {r.elapsed_s:.2f}s",
-        f"rate    {r.throughput_rps:,.1f} req/s, {r.throughput_mbps:,.1f} MB/s",
-        "latency "
-        + "  ".join(f"{_pct_key(p)} {fmt_us(lat[_pct_key(p)])}" for p in PERCENTILES)
-        + f"  max {fmt_us(lat['max'])}  mean {fmt_us(lat['mean'])}",
+        f"rate    {r.throughput_rps:,.1f} req/s, {r.throughput_mbps:,.1f} MB/s of input tensors",
     ]
-    if r.errors:
-        lines.append("errors  " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())))
+    if r.count:
+        lines.append(
+            "latency "
+            + "  ".join(f"{_pct_key(p)} {fmt_us(lat[_pct_key(p)])}" for p in PERCENTILES)
+            + f"  max {fmt_us(lat['max'])}  mean {fmt_us(lat['mean'])}"
+        )
+    else:
+        lines.append("latency none: no request succeeded")
+    for code, n in sorted(r.errors.items()):
+        said = r.error_messages.get(code)
+        lines.append(f"errors  {code} {n}" + (f" (first: {said})" if said else ""))
     return "\n".join(lines)
 
 

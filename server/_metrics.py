@@ -7,15 +7,25 @@ from 50 us to 10 s. Names follow Prometheus conventions: ``normserve_`` prefix, 
 
 from __future__ import annotations
 
+import platform
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import torch
-from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+import normserve
 
 __all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsHTTPServer"]
 
@@ -133,6 +143,14 @@ class Metrics:
             ProcessCollector(registry=r)
         self.hot = _HotPath()
         r.register(self.hot)
+        Info("normserve_build", "Versions this server runs.", registry=r).info(
+            {
+                "version": normserve.__version__,
+                "torch": torch.__version__,
+                "grpc": grpc.__version__,
+                "python": platform.python_version(),
+            }
+        )
         self.sessions = Gauge("normserve_sessions", "Live sessions.", registry=r)
         self.inflight = Gauge(
             "normserve_inflight_calls", "RPCs in progress, by method.", ["method"], registry=r

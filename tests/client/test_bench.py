@@ -270,3 +270,13 @@ def test_suite_quick_writes_the_report(tmp_path: Path) -> None:
     results = json.loads(js.read_text())["results"]
     assert results["S/echo/unary/-/c1"]["summary"]["count"] > 0
     assert results["L/normserve/stream/train/c1"]["summary"]["count"] > 0
+
+
+def test_errors_show_what_the_server_said(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = bench("--target", server.address, "--session", "nope", "--requests", "3", "--warmup", "0")
+    out = capsys.readouterr().out
+    assert rc == 1  # a run with errors fails
+    assert "errors  NOT_FOUND 3 (first: session 'nope' not found)" in out
+    assert "latency none: no request succeeded" in out

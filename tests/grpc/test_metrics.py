@@ -66,6 +66,8 @@ def test_calls_are_counted_timed_and_staged(observed: tuple[Server, CollectorReg
     assert _value(reg, "normserve_inflight_calls", method="Normalize") == 0
     assert _value(reg, "normserve_open_streams") == 0
     assert _value(reg, "process_resident_memory_bytes") > 0
+    build = [s for m in reg.collect() if m.name == "normserve_build" for s in m.samples]
+    assert build and build[0].labels["version"] and build[0].value == 1
 
 
 def test_stage_times_add_up_to_the_total(observed: tuple[Server, CollectorRegistry]) -> None:
