@@ -363,6 +363,18 @@ def targets(
         lambda v: v >= 0.7,
         "{:.2f}x",
     )
+    # A TRAIN batch also needs torch's own compute for it, on the same two cores: at best the
+    # store-and-forward time plus that compute, as a throughput ratio to the echo.
+    store = _get(results, Spec("L", "store", "stream", "-", 1))
+    echo_l = _get(results, Spec("L", "echo", "stream", "-", 1))
+    if store is not None and echo_l is not None and store.count and echo_l.count and "L" in compute:
+        best = store.latency_us()["p50"] + compute["L"]["train"] * 1e6
+        check(
+            "(floor) L stream TRAIN: store-and-forward + torch compute, throughput / echo",
+            echo_l.latency_us()["p50"] / best,
+            lambda v: v >= 0.7,
+            "{:.2f}x",
+        )
     r64 = _get(results, Spec("S", "normserve", "unary", "train", 64))
     if r64 is None:
         out.append(("S unary TRAIN c64: no errors", "not measured", "n/a"))
