@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from normserve.client import _common as c
 from normserve.client._errors import from_rpc_error
-from normserve.client._sync import channel_options
 from normserve.v1 import normserve_pb2 as pb
-from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncClient"]
 
 T = TypeVar("T")
-#: gRPC metadata: (key, value) pairs sent with a call.
-Metadata = Sequence[tuple[str, str]] | None
+
 _DEFAULT: Any = object()
 
 
-class AsyncClient:
+class AsyncClient(c.ClientBase):
     """An asyncio connection to a normserve server; see ``Client`` for the semantics.
 
     Every method takes a per-call ``timeout`` in seconds (default: the client's). Failures raise
@@ -36,41 +33,12 @@ class AsyncClient:
     ...     y = (await client.normalize(s.session_id, torch.randn(32, 64, 8, 8))).output
     """
 
-    def __init__(
-        self,
-        target: str = c.DEFAULT_TARGET,
-        *,
-        timeout: float | None = 30.0,
-        chunk_bytes: int = c.DEFAULT_CHUNK_BYTES,
-        max_message_bytes: int = c.DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        metadata: Metadata = None,
-    ) -> None:
-        self.target = target
-        self.metadata = tuple(metadata or ())
-        self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
-        opts = channel_options(max_message_bytes, options)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, opts)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, opts)
-        )
-        self._stub = pb_grpc.NormalizerStub(self._channel)
-        # the tensor-carrying methods move raw bytes, encoded by normserve._wire (zero-copy reads)
-        self._normalize = self._channel.unary_unary(c.NORMALIZE, _registered_method=True)
-        self._normalize_stream = self._channel.stream_stream(
-            c.NORMALIZE_STREAM, _registered_method=True
-        )
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    def _open(self, target: str, credentials: grpc.ChannelCredentials | None, options: Any) -> Any:
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, options)
+        return grpc.aio.insecure_channel(target, options)
 
     # ---- plumbing
-
-    def _metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...] | None:
-        """The client's metadata plus the call's (e.g. an ``x-request-id``)."""
-        merged = self.metadata + tuple(extra or ())
-        return merged or None
 
     async def _call(
         self, method: Callable[..., Awaitable[T]], request: Any, timeout: Any, metadata: Any = None
@@ -100,7 +68,7 @@ class AsyncClient:
         num_features: int,
         *,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
         **config: Any,
     ) -> c.SessionInfo:
         """Creates a session. ``config``: session_id, eps, momentum (None: cumulative average),
@@ -116,7 +84,7 @@ class AsyncClient:
         *,
         tensors: bool = True,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> c.SessionInfo:
         req = pb.GetSessionRequest(session_id=session_id, omit_tensors=not tensors)
         return c.session_info(
@@ -128,7 +96,7 @@ class AsyncClient:
         *,
         page_size: int = 0,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> list[c.SessionInfo]:
         """Every session (all pages), without tensors."""
         out: list[c.SessionInfo] = []
@@ -142,7 +110,7 @@ class AsyncClient:
                 return out
 
     async def delete_session(
-        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: Metadata = None
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
     ) -> None:
         await self._call(
             self._stub.DeleteSession,
@@ -152,7 +120,7 @@ class AsyncClient:
         )
 
     async def reset_session(
-        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: Metadata = None
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
     ) -> c.SessionInfo:
         req = pb.ResetSessionRequest(session_id=session_id)
         return c.session_info(
@@ -164,7 +132,7 @@ class AsyncClient:
         session_id: str,
         *,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> OrderedDict[str, torch.Tensor]:
         """The session's state_dict, loadable by ``torch.nn.BatchNorm*d.load_state_dict``."""
         req = pb.ExportStateRequest(session_id=session_id)
@@ -177,7 +145,7 @@ class AsyncClient:
         *,
         strict: bool = True,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> c.SessionInfo:
         req = c.import_request(session_id, state, strict)
         return c.session_info(
@@ -194,7 +162,7 @@ class AsyncClient:
         mode: c.ModeName = "train",
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
         t = c.as_tensor(x)
@@ -222,7 +190,7 @@ class AsyncClient:
         mode: c.ModeName = "train",
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
-        metadata: Metadata = None,
+        metadata: c.Metadata = None,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order."""
         plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
@@ -241,7 +209,7 @@ class AsyncClient:
     # ---- health
 
     async def health(
-        self, service: str = "", *, timeout: Any = _DEFAULT, metadata: Metadata = None
+        self, service: str = "", *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
     ) -> str:
         """The health service's status: "SERVING", "NOT_SERVING", ..."""
         req = health_pb2.HealthCheckRequest(service=service)

@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 import torch
+from grpc_health.v1 import health_pb2_grpc
 
 from normserve import _wire as wire
 from normserve._codec import tensor_from_proto, tensor_to_proto
 from normserve.v1 import normserve_pb2 as pb
+from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
     "ArrayLike",
+    "ClientBase",
     "ModeName",
     "NormalizeResult",
     "SessionInfo",
@@ -34,6 +38,8 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 ArrayLike = torch.Tensor | np.ndarray
+#: gRPC metadata: (key, value) pairs sent with a call.
+Metadata = Sequence[tuple[str, str]] | None
 ModeName = Literal["train", "eval"]
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
 
@@ -295,3 +301,50 @@ class StreamPlan:
             version=head.version,
             batch_statistics=head.batch_statistics,
         )
+
+
+def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[Any]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *extra,
+    ]
+
+
+class ClientBase:
+    """What the sync and asyncio clients share: options, the channel's stubs, metadata.
+    Subclasses say how to open the channel (``grpc`` or ``grpc.aio``)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        metadata: Metadata = None,
+    ) -> None:
+        self.target = target
+        self.metadata = tuple(metadata or ())
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._channel: Any = self._open(
+            target, credentials, channel_options(max_message_bytes, options)
+        )
+        self._stub = pb_grpc.NormalizerStub(self._channel)
+        # the tensor-carrying methods move raw bytes, encoded by normserve._wire (zero-copy reads)
+        self._normalize = self._channel.unary_unary(NORMALIZE, _registered_method=True)
+        self._normalize_stream = self._channel.stream_stream(
+            NORMALIZE_STREAM, _registered_method=True
+        )
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _open(self, target: str, credentials: grpc.ChannelCredentials | None, options: Any) -> Any:
+        raise NotImplementedError
+
+    def _metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...] | None:
+        """The client's metadata plus the call's (e.g. an ``x-request-id``)."""
+        merged = self.metadata + tuple(extra or ())
+        return merged or None
