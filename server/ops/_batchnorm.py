@@ -36,11 +36,6 @@ class Moments:
         """Biased variance (what normalization divides by)."""
         return self.m2 / self.count
 
-    @property
-    def unbiased_var(self) -> torch.Tensor:
-        """Unbiased variance (what running_var tracks); needs count > 1."""
-        return self.m2 / (self.count - 1)
-
 
 def reduce_dims(x: torch.Tensor) -> list[int]:
     """The dims batch norm reduces over: all but the channel dim 1."""

@@ -367,15 +367,10 @@ class ChunkedBatch:
         self._state = session.state
         self._batch_stats = session.uses_batch_statistics(mode)
 
-    @property
-    def pipelined(self) -> bool:
-        """Whether each chunk's output is ready as soon as the chunk is (EVAL with running
-        statistics: nothing depends on the rest of the batch), so it can be sent right away."""
-        return not self._batch_stats and not self.statistics_only
-
     def add(self, x: torch.Tensor, field: str = "chunk") -> torch.Tensor | None:
-        """Validates one chunk against the first and folds its statistics in; when ``pipelined``,
-        returns the chunk's output at once (and keeps nothing)."""
+        """Validates one chunk against the first and folds its statistics in. When the batch needs
+        no statistics of its own (EVAL with running statistics), returns the chunk's output at
+        once, so it can be sent while later chunks arrive, and keeps nothing."""
         t0 = time.perf_counter()
         s = self.session
         s.check_input(x, field)

@@ -223,3 +223,20 @@ def test_eval_chunks_are_answered_as_they_arrive(
     bn.load_state_dict(client.export_state(sid))
     bn.eval()
     torch.testing.assert_close(torch.cat(chunks), bn(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_stream_rejects_a_bad_later_chunk(
+    client: Client, stub: pb_grpc.NormalizerStub
+) -> None:
+    """Answered chunk by chunk, an EVAL batch still fails as a whole on a bad chunk."""
+    sid = client.create_session(3).session_id
+    bad = torch.randn(3, 3)
+    bad[0, 1] = float("inf")
+    reqs = [
+        pb.NormalizeStreamRequest(
+            session_id=sid, mode=pb.MODE_EVAL, chunk=tensor(torch.randn(3, 3))
+        ),
+        pb.NormalizeStreamRequest(chunk=tensor(bad), end_of_batch=True),
+    ]
+    with unchanged(client, sid):
+        _expect_stream_error(stub, iter(reqs), "chunk: contains NaN or Inf; nothing was applied")

@@ -158,3 +158,20 @@ def test_update_running_does_not_mutate_inputs() -> None:
     m = ops.moments(torch.randn(5, 3) + 4)
     ops.update_running(rm, rv, m.mean, m.var, m.count, 0.5)
     assert rm.eq(0).all() and rv.eq(1).all()
+
+
+def test_fused_running_update_accurate_where_float32_fails() -> None:
+    """The second, shifted pass (a channel with |mean|/std far past the bound) must shift the
+    running mean back: running statistics match a float64 computation on the same values."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 8, 4, 4, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
+    # running var starts at 0 so the stored value is the batch's contribution alone (a float32
+    # buffer holding 1 + 5e-5 could not show a 1e-4 relative error of the 5e-5)
+    running = (torch.zeros(8), torch.zeros(8))
+    _, _, _, new = ops.batch_norm_train(x, None, None, 1e-5, running, 0.5)
+    assert new is not None
+    x64 = x.double()
+    dims = (0, 2, 3)
+    mean64, var64 = x64.mean(dim=dims), x64.var(dim=dims, unbiased=True)
+    torch.testing.assert_close(new[0].double(), 0.5 * mean64, rtol=1e-6, atol=0)
+    assert ((new[1].double() - 0.5 * var64).abs() / (0.5 * var64)).max().item() <= 1e-4

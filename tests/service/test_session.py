@@ -185,3 +185,13 @@ def test_concurrent_train_calls_apply_exactly_once_in_version_order(
     assert s.state.num_batches_tracked == 200
     torch.testing.assert_close(s.state.running_mean, bn.running_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.state.running_var, bn.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    import sys
+
+    from normserve.server._app import tune_malloc
+
+    if sys.platform != "linux":
+        pytest.skip("glibc's mallopt is Linux-only")
+    assert tune_malloc() is True
