@@ -67,6 +67,7 @@ COPY README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
+COPY wire/ wire/
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---- runtime: the venv on the slim base, as an unprivileged user ----

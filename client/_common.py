@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2_grpc
 
-from normserve import _wire as wire
-from normserve._codec import tensor_from_proto, tensor_to_proto
+from normserve import wire
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
+from normserve.wire import tensor_from_proto, tensor_to_proto
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -210,7 +210,7 @@ NORMALIZE_STREAM = "/normserve.v1.Normalizer/NormalizeStream"
 def normalize_request(
     session_id: str, x: torch.Tensor, mode: ModeName | str, statistics_only: bool
 ) -> bytes:
-    """An encoded NormalizeRequest: one copy of the tensor (see normserve._wire)."""
+    """An encoded NormalizeRequest: one copy of the tensor (see normserve.wire)."""
     return wire.encode_normalize_request(session_id, mode_value(mode), x, statistics_only)
 
 
@@ -334,7 +334,7 @@ class ClientBase:
             target, credentials, channel_options(max_message_bytes, options)
         )
         self._stub = pb_grpc.NormalizerStub(self._channel)
-        # the tensor-carrying methods move raw bytes, encoded by normserve._wire (zero-copy reads)
+        # the tensor-carrying methods move raw bytes, encoded by normserve.wire (zero-copy reads)
         self._normalize = self._channel.unary_unary(NORMALIZE, _registered_method=True)
         self._normalize_stream = self._channel.stream_stream(
             NORMALIZE_STREAM, _registered_method=True

@@ -9,9 +9,9 @@ import grpc
 import pytest
 import torch
 
-from normserve._codec import tensor_to_proto
 from normserve.client import Client
 from normserve.v1 import normserve_pb2 as pb
+from normserve.wire import tensor_to_proto
 
 
 def tensor(x: torch.Tensor) -> pb.Tensor:

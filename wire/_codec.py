@@ -68,7 +68,10 @@ def dtype_name(dtype: torch.dtype | int) -> str:
 
 
 def _supported() -> str:
-    return ", ".join(pb.DType.Name(v) for v in DTYPE_FROM_PROTO)
+    floats = ", ".join(
+        pb.DType.Name(DTYPE_TO_PROTO[d]) for d in DTYPE_TO_PROTO if d.is_floating_point
+    )
+    return f"{floats} (DTYPE_INT64 only for num_batches_tracked)"
 
 
 def tensor_payload(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], memoryview]:
@@ -149,6 +152,6 @@ def tensor_from_parts(code: int, shape: list[int], data: Any, field: str) -> tor
 
 def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     """Decodes a Tensor message into a CPU tensor viewing the message's bytes (no copy beyond the
-    one protobuf makes on access; the hot paths use ``normserve._wire`` and skip even that)."""
+    one protobuf makes on access; the hot paths use ``normserve.wire`` and skip even that)."""
     # one access of .data: each access of a bytes field builds a new bytes object
     return tensor_from_parts(msg.dtype, list(msg.shape), msg.data, field)
