@@ -8,10 +8,12 @@ from __future__ import annotations
 from normserve.server.ops._batchnorm import (
     Moments,
     batch_norm_train,
+    batch_shift,
     ema_factor,
     merge_moments,
     moments,
     normalize,
+    normalize_batch,
     reduce_dims,
     update_running,
 )
@@ -19,10 +21,12 @@ from normserve.server.ops._batchnorm import (
 __all__ = [
     "Moments",
     "batch_norm_train",
+    "batch_shift",
     "ema_factor",
     "merge_moments",
     "moments",
     "normalize",
+    "normalize_batch",
     "reduce_dims",
     "update_running",
 ]

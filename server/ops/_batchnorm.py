@@ -10,10 +10,12 @@ import torch
 __all__ = [
     "Moments",
     "batch_norm_train",
+    "batch_shift",
     "ema_factor",
     "merge_moments",
     "moments",
     "normalize",
+    "normalize_batch",
     "reduce_dims",
     "update_running",
 ]
@@ -30,6 +32,9 @@ class Moments:
     count: int
     mean: torch.Tensor
     m2: torch.Tensor
+    #: The per-channel value the sums were taken around (the first batch's, after a merge), in the
+    #: compute dtype: ``normalize_batch`` shifts by it where a channel is ill-conditioned.
+    pivot: torch.Tensor | None = None
 
     @property
     def var(self) -> torch.Tensor:
@@ -91,6 +96,8 @@ def batch_norm_train(
     variance is recovered from the kernel's 1/sqrt(var + eps), to ~1e-7 of (var + eps).
     """
     work = _work(x)
+    if work.numel() == 0:
+        return _empty_batch(x, running)
     if work.dtype == torch.float64:
         out, mean, var, _ = _fused(work, weight, bias, eps, None, 0.0, shift=True)
         new = None
@@ -106,6 +113,16 @@ def batch_norm_train(
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out, mean, var, new
+
+
+def _empty_batch(
+    x: torch.Tensor, running: Running | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Running | None]:
+    """A batch with no values (N = 0, or a zero spatial dim): torch returns an empty output and
+    leaves the running statistics as they were; the batch statistics are undefined (NaN)."""
+    nan = torch.full((x.shape[1],), float("nan"), dtype=torch.float32, device=x.device)
+    new = None if running is None else (running[0].clone(), running[1].clone())
+    return torch.empty_like(x), nan, nan.clone(), new
 
 
 # |mean| / std beyond which the unshifted kernel's variance loses precision (measured: ~1e-6
@@ -144,16 +161,42 @@ def _fused(
         rv = running[1].clone()
         out, mean, invstd = torch.native_batch_norm(work, weight, bias, rm, rv, True, factor, eps)
         new = (rm.add_(flat) if flat is not None else rm, rv)
+    var = _variance(work, mean, invstd, eps)
     if flat is not None:
         mean = mean.add_(flat)
-    if invstd.device.type == "cpu":  # [C]-sized arithmetic is cheaper in numpy than in torch
-        inv = invstd.numpy()
-        var_np = np.reciprocal(inv * inv)
-        var_np -= eps
-        var = torch.from_numpy(np.maximum(var_np, 0.0, out=var_np))
-    else:
-        var = invstd.pow_(-2).sub_(eps).clamp_min_(0.0)
     return out, mean, var, new
+
+
+def _variance(
+    work: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The biased variance per channel. Recovered from the kernel's 1/sqrt(var + eps), it carries
+    about one ulp of (var + eps): ~1e-7 relative while var >= eps, but up to 1e-2 when var << eps.
+    Channels below 4 * eps are computed again directly (a second pass over the batch, rare on
+    real activations). On CUDA, where a host-side check costs a synchronization, always directly."""
+    if invstd.device.type != "cpu":
+        return _direct_variance(work, mean)
+    inv = invstd.numpy()  # [C]-sized arithmetic is cheaper in numpy than in torch
+    var_np = np.reciprocal(inv * inv)
+    var_np -= eps
+    np.maximum(var_np, 0.0, out=var_np)
+    small = var_np < 4 * eps
+    if small.any():
+        direct = _direct_variance(work, mean).numpy()
+        var_np = np.where(small, direct, var_np).astype(var_np.dtype, copy=False)
+    return torch.from_numpy(var_np)
+
+
+def _direct_variance(work: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Biased variance of ``work`` around its (already computed) ``mean``, the sums accumulated in
+    float64: mean(d^2) - mean(d)^2 with d = x - mean, where mean(d) ~ 0 leaves no cancellation."""
+    dims = reduce_dims(work)
+    count = work.numel() // work.shape[1]
+    d = work - _broadcast(mean.to(work.dtype), work.dim())
+    s1 = d.sum(dim=dims, dtype=torch.float64)
+    s2 = d.square_().sum(dim=dims, dtype=torch.float64)
+    var = (s2 / count - (s1 / count).square_()).clamp_min_(0.0)
+    return var.to(mean.dtype)
 
 
 def moments(x: torch.Tensor) -> Moments:
@@ -172,11 +215,11 @@ def moments(x: torch.Tensor) -> Moments:
         a1, a2 = s1.numpy().astype(np.float64), s2.numpy().astype(np.float64)
         mean = pivot.numpy().astype(np.float64) + a1 / count
         m2 = np.maximum(a2 - a1 * a1 / count, 0.0)
-        return Moments(count, torch.from_numpy(mean), torch.from_numpy(m2))
+        return Moments(count, torch.from_numpy(mean), torch.from_numpy(m2), pivot)
     s = torch.stack((s1, s2, pivot)).to(_ACC)
     mean_t = torch.add(s[2], s[0], alpha=1.0 / count)
     m2_t = torch.addcmul(s[1], s[0], s[0], value=-1.0 / count).clamp_min_(0.0)
-    return Moments(count=count, mean=mean_t, m2=m2_t)
+    return Moments(count=count, mean=mean_t, m2=m2_t, pivot=pivot)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -191,11 +234,11 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         delta = bm - am
         mean = am + delta * (b.count / n)
         m2 = a.m2.numpy() + b.m2.numpy() + delta * delta * (a.count * b.count / n)
-        return Moments(n, torch.from_numpy(mean), torch.from_numpy(m2))
+        return Moments(n, torch.from_numpy(mean), torch.from_numpy(m2), a.pivot)
     delta_t = b.mean - a.mean
     mean_t = a.mean + delta_t * (b.count / n)
     m2_t = a.m2 + b.m2 + delta_t * delta_t * (a.count * b.count / n)
-    return Moments(count=n, mean=mean_t, m2=m2_t)
+    return Moments(count=n, mean=mean_t, m2=m2_t, pivot=a.pivot)
 
 
 def normalize(
@@ -216,6 +259,42 @@ def normalize(
         weight = None if weight is None else weight.double()
         bias = None if bias is None else bias.double()
     return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True)
+
+
+def batch_shift(m: Moments) -> torch.Tensor | None:
+    """The pivot ``normalize_batch`` must shift by for these (merged) moments, or None: on the CPU
+    only where a channel's |mean| / std is past the float32 bound (a host-side check is cheap
+    there); on CUDA always (a check would synchronize)."""
+    if m.pivot is None:
+        return None
+    if m.pivot.dtype == torch.float64 or m.mean.device.type != "cpu":
+        # float64: torch's inference kernel folds the mean into its bias (x * a + (b - mean * a)),
+        # which cancels at |mean| / std ~ 1e6 even in float64; float64 batches are rare, shift all
+        return m.pivot
+    return m.pivot if _ill_conditioned(m.mean, m.var) else None
+
+
+def normalize_batch(
+    x: torch.Tensor,
+    m: Moments,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    shift: torch.Tensor | None,
+) -> torch.Tensor:
+    """Normalizes ``x`` (a chunk of a streamed batch) with the batch's merged float64 moments, as
+    accurately as ``batch_norm_train`` normalizes a whole batch: float64 inputs with float64
+    statistics; others in float32, around ``shift`` (``batch_shift(m)``) where a channel is
+    ill-conditioned, since x - shift is exact in float32 (Sterbenz) while rounding the mean to
+    float32 first would cost up to |mean| * 2^-24 / std of relative error."""
+    work, mean, var = _work(x), m.mean, m.var
+    if shift is not None:
+        work = work - _broadcast(shift, work.dim())
+        mean = mean - shift.to(mean.dtype)
+    if x.dtype == torch.float64:
+        return normalize(work, mean, var, weight, bias, eps)
+    out = normalize(work, mean.float(), var.float(), weight, bias, eps)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def ema_factor(momentum: float | None, num_batches_tracked: int) -> float:

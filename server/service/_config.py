@@ -10,7 +10,23 @@ import torch
 
 from normserve.server.service._errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["Kind", "Mode", "SessionConfig", "resolve_device"]
+__all__ = [
+    "DEFAULT_MAX_FEATURES",
+    "MAX_EPS",
+    "MIN_EPS",
+    "Kind",
+    "Mode",
+    "SessionConfig",
+    "resolve_device",
+]
+
+#: num_features bound when the server does not derive one from its message limit.
+DEFAULT_MAX_FEATURES = 1 << 20
+#: eps is added to float32 variances: below float32's smallest normal it vanishes (x / 0 on a
+#: constant channel), and past 1e6 it swamps any activation's variance (beyond it, float32 squares
+#: of 1/sqrt(var + eps) underflow and the variance cannot be recovered).
+MIN_EPS = 1.1754943508222875e-38
+MAX_EPS = 1e6
 
 
 class Kind(enum.Enum):
@@ -40,14 +56,21 @@ class SessionConfig:
     device: str = "auto"
     kind: Kind = Kind.BATCH_NORM
 
-    def validate(self) -> None:
-        """Raises InvalidArgument naming the first bad field."""
-        if not 1 <= self.num_features <= 1 << 24:
+    def validate(self, max_features: int = DEFAULT_MAX_FEATURES) -> None:
+        """Raises InvalidArgument naming the first bad field. ``max_features`` is the server's
+        bound, which keeps every session readable and exportable in one message."""
+        if not 1 <= self.num_features <= max_features:
             raise InvalidArgument(
-                "config.num_features", f"must be between 1 and {1 << 24}, got {self.num_features}"
+                "config.num_features",
+                f"must be between 1 and {max_features} (this server's --max-features), "
+                f"got {self.num_features}",
             )
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise InvalidArgument("config.eps", f"must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and MIN_EPS <= self.eps <= MAX_EPS):
+            raise InvalidArgument(
+                "config.eps",
+                f"must be between {MIN_EPS:.3g} (float32's smallest normal) and {MAX_EPS:g}, "
+                f"got {self.eps}",
+            )
         if self.momentum is not None and not (
             math.isfinite(self.momentum) and 0 < self.momentum <= 1
         ):

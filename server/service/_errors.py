@@ -5,7 +5,8 @@ ServiceError
  +-- AlreadyExists       a client-chosen session id that is taken
  +-- InvalidArgument     a request that can never succeed as sent (names the field)
  +-- FailedPrecondition  valid, but not in this server's state (e.g. CUDA asked, none here)
- +-- ResourceExhausted   a server limit (session count) is reached
+ +-- ResourceExhausted   a server limit (session count, message size) is reached
+ +-- IdleTimeout         a stream sent nothing for the server's idle timeout
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyExists",
     "FailedPrecondition",
+    "IdleTimeout",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
@@ -45,4 +47,8 @@ class FailedPrecondition(ServiceError):
 
 
 class ResourceExhausted(ServiceError):
+    pass
+
+
+class IdleTimeout(ServiceError):
     pass

@@ -10,7 +10,7 @@ import uuid
 
 import torch
 
-from normserve.server.service._config import SessionConfig, resolve_device
+from normserve.server.service._config import DEFAULT_MAX_FEATURES, SessionConfig, resolve_device
 from normserve.server.service._errors import (
     AlreadyExists,
     InvalidArgument,
@@ -18,6 +18,7 @@ from normserve.server.service._errors import (
     ResourceExhausted,
 )
 from normserve.server.service._session import Session
+from normserve.server.service._store import MemoryStore, StateStore
 
 __all__ = ["SessionManager"]
 
@@ -30,17 +31,39 @@ def _default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _shown(text: str, limit: int = 64) -> str:
+    """Client-supplied text as an error message may echo it: repr'd, and cut to ``limit``."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 class SessionManager:
     """Owns every session of a server. Thread-safe."""
 
-    def __init__(self, default_device: str = "auto", max_sessions: int = 10_000) -> None:
+    def __init__(
+        self,
+        default_device: str = "auto",
+        max_sessions: int = 10_000,
+        max_features: int = DEFAULT_MAX_FEATURES,
+        store: StateStore | None = None,
+    ) -> None:
         self.default_device = resolve_device(default_device, _default_device(), "--device")
         self.max_sessions = max_sessions
+        self.max_features = max_features
+        self.store: StateStore = store or MemoryStore()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def _check_room(self, session_id: str) -> None:
+        if session_id and session_id in self._sessions:
+            raise AlreadyExists(f"session {session_id!r} already exists")
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"this server holds its maximum of {self.max_sessions} sessions (--max-sessions); "
+                "delete some"
+            )
 
     def create(
         self,
@@ -49,20 +72,20 @@ class SessionManager:
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> Session:
-        if session_id and not _ID.fullmatch(session_id):
+        """Validates everything, and checks the limits, before allocating anything."""
+        if session_id and (session_id in (".", "..") or not _ID.fullmatch(session_id)):
             raise InvalidArgument(
-                "session_id", f"must be 1-128 characters of [A-Za-z0-9._-], got {session_id!r}"
+                "session_id",
+                f"must be 1-128 characters of [A-Za-z0-9._-], not . or .., got {_shown(session_id)}",
             )
-        config.validate()
+        config.validate(self.max_features)
         device = resolve_device(config.device, self.default_device)
-        session = Session(session_id or uuid.uuid4().hex, config, device, weight, bias)
         with self._lock:
-            if session.session_id in self._sessions:
-                raise AlreadyExists(f"session {session.session_id!r} already exists")
-            if len(self._sessions) >= self.max_sessions:
-                raise ResourceExhausted(
-                    f"this server holds its maximum of {self.max_sessions} sessions; delete some"
-                )
+            self._check_room(session_id)
+        session = Session(session_id or uuid.uuid4().hex, config, device, self.store, weight, bias)
+        with self._lock:
+            self._check_room(session_id)  # again: another create may have won meanwhile
+            session.create()
             self._sessions[session.session_id] = session
         return session
 
@@ -72,13 +95,14 @@ class SessionManager:
         if session is None:
             if not session_id:
                 raise InvalidArgument("session_id", "must not be empty")
-            raise NotFound(f"session {session_id!r} not found")
+            raise NotFound(f"session {_shown(session_id)} not found")
         return session
 
     def delete(self, session_id: str) -> None:
         with self._lock:
             if self._sessions.pop(session_id, None) is None:
-                raise NotFound(f"session {session_id!r} not found")
+                raise NotFound(f"session {_shown(session_id)} not found")
+            self.store.drop(session_id)
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[Session], str]:
         """One page in id order and the token of the next ('' on the last page). Tokens hold the

@@ -97,14 +97,14 @@ CASES = [
         raw_tensor(pb.DTYPE_UNSPECIFIED, [2, 4], b"\0" * 32),
         pb.MODE_TRAIN,
         "input.dtype: unsupported dtype DTYPE_UNSPECIFIED; expected one of DTYPE_FLOAT32, "
-        "DTYPE_FLOAT16, DTYPE_BFLOAT16, DTYPE_FLOAT64, DTYPE_INT64",
+        "DTYPE_FLOAT16, DTYPE_BFLOAT16, DTYPE_FLOAT64 (DTYPE_INT64 only for num_batches_tracked)",
         id="dtype-unspecified",
     ),
     pytest.param(
         raw_tensor(42, [2, 4], b"\0" * 32),
         pb.MODE_TRAIN,
         "input.dtype: unsupported dtype 42; expected one of DTYPE_FLOAT32, DTYPE_FLOAT16, "
-        "DTYPE_BFLOAT16, DTYPE_FLOAT64, DTYPE_INT64",
+        "DTYPE_BFLOAT16, DTYPE_FLOAT64 (DTYPE_INT64 only for num_batches_tracked)",
         id="dtype-unknown",
     ),
     pytest.param(
@@ -116,8 +116,8 @@ CASES = [
     pytest.param(
         tensor(torch.tensor([[1.0, 2, 3, 4], [float("nan"), 1, 1, 1]])),
         pb.MODE_TRAIN,
-        "input: contains NaN or Inf (or values too large for float32 statistics); "
-        "nothing was applied",
+        "input: contains NaN or Inf, or values whose statistics exceed float32's range "
+        "(|mean| or variance > 3.4e38); nothing was applied",
         id="nan-train",
     ),
     pytest.param(
@@ -171,12 +171,12 @@ def test_float16_data_length_counts_two_bytes(stub: pb_grpc.NormalizerStub, sid:
         (
             pb.SessionConfig(num_features=0),
             INVALID,
-            "config.num_features: must be between 1 and 16777216, got 0",
+            "config.num_features: must be between 1 and 1048320 (this server's --max-features), got 0",
         ),
         (
             pb.SessionConfig(num_features=3, eps=-1),
             INVALID,
-            "config.eps: must be a finite number > 0, got -1.0",
+            "config.eps: must be between 1.18e-38 (float32's smallest normal) and 1e+06, got -1.0",
         ),
         (
             pb.SessionConfig(num_features=3, momentum=0),
@@ -229,7 +229,7 @@ def test_cuda_on_cpu_server_is_failed_precondition(stub: pb_grpc.NormalizerStub)
 
 def test_bad_session_id(stub: pb_grpc.NormalizerStub) -> None:
     with expect_status(
-        INVALID, "session_id: must be 1-128 characters of [A-Za-z0-9._-], got 'a b'"
+        INVALID, "session_id: must be 1-128 characters of [A-Za-z0-9._-], not . or .., got 'a b'"
     ):
         stub.CreateSession(
             pb.CreateSessionRequest(session_id="a b", config=pb.SessionConfig(num_features=2))
@@ -254,12 +254,13 @@ def test_bad_session_id(stub: pb_grpc.NormalizerStub) -> None:
         (
             [("running_mean", torch.tensor([0.0, float("nan"), 0, 0]))],
             False,
-            "entries['running_mean']: contains NaN or Inf",
+            "entries['running_mean']: contains NaN or Inf, or values beyond float32's range "
+            "(|x| > 3.4e38)",
         ),
         (
             [("num_batches_tracked", torch.tensor(-3))],
             False,
-            "entries['num_batches_tracked']: expected a non-negative int64 scalar",
+            "entries['num_batches_tracked']: expected an int64 scalar in [0, 9223372036854775807)",
         ),
         (
             [("gamma", torch.ones(4))],

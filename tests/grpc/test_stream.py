@@ -179,7 +179,8 @@ def test_nan_in_a_later_chunk_applies_nothing(client: Client, stub: pb_grpc.Norm
         _expect_stream_error(
             stub,
             iter(reqs),
-            "chunk: contains NaN or Inf (or values too large for float32 statistics); nothing was applied",
+            "chunk: contains NaN or Inf, or values whose statistics exceed float32's range "
+            "(|mean| or variance > 3.4e38); nothing was applied",
         )
 
 

@@ -1,0 +1,146 @@
+"""One batch that arrives in chunks along dim 0 (a stream), folded into its session at the end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from normserve.server.service._config import Mode
+from normserve.server.service._errors import InvalidArgument
+from normserve.server.service._session import NormalizeResult, Session
+from normserve.server.service.kinds._batch_norm import describe
+
+__all__ = ["ChunkedBatch"]
+
+
+class ChunkedBatch:
+    """Statistics are merged chunk by chunk as they arrive; nothing touches the session until
+    ``finish``, so a batch that fails half-way leaves the session exactly as it was. A batch that
+    needs no statistics of its own (EVAL with running statistics) is answered chunk by chunk."""
+
+    def __init__(self, session: Session, mode: Mode, statistics_only: bool) -> None:
+        self.session = session
+        self.mode = mode
+        self.statistics_only = statistics_only
+        self._t_compute = 0.0
+        self._first: torch.Tensor | None = None
+        self._rows = 0
+        self._chunks: list[torch.Tensor] = []
+        self._partial: Any = None
+        self._prepared: Any = None
+        self._state = session.state
+        self._batch_stats = session.kind.uses_batch_statistics(mode)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether each chunk is answered as it arrives (no statistics of its own to wait for)."""
+        return not self._batch_stats
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of input chunks held until the batch ends."""
+        return sum(c.numel() * c.element_size() for c in self._chunks)
+
+    def add(self, x: torch.Tensor, field: str = "chunk") -> torch.Tensor | None:
+        """Validates one chunk against the first and folds its statistics in. A pipelined batch
+        returns the chunk's output at once (so it can be sent while later chunks arrive) and keeps
+        nothing."""
+        t0 = time.perf_counter()
+        s = self.session
+        s.check_input(x, field)
+        first = self._first
+        if first is None:
+            self._first = x
+        else:
+            if x.dtype != first.dtype:
+                raise InvalidArgument(
+                    f"{field}.dtype",
+                    f"chunks of one batch must share a dtype: expected {str(first.dtype)[6:]}, "
+                    f"got {str(x.dtype)[6:]}",
+                )
+            if x.shape[1:] != first.shape[1:]:
+                raise InvalidArgument(
+                    f"{field}.shape",
+                    f"chunks of one batch may differ only in dim 0: expected "
+                    f"[*, {', '.join(str(d) for d in first.shape[1:])}], got {describe(x.shape)}",
+                )
+        if x.device != s.device:
+            x = x.to(s.device)
+        self._rows += x.shape[0]
+        out = None
+        if self._batch_stats:
+            self._partial = s.kind.chunk_statistics(x, self._partial)
+            if not self.statistics_only:
+                self._chunks.append(x)
+        else:
+            s.check_finite_input(x, field)
+            if not self.statistics_only:
+                out = s.kind.normalize_chunk(x, None, self._state)
+        self._t_compute += time.perf_counter() - t0
+        return out
+
+    def header(self) -> NormalizeResult:
+        """The statistics and version a pipelined batch is normalized with (known at its start)."""
+        st = self._state
+        assert st.running_mean is not None and st.running_var is not None
+        return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
+
+    def finish(self) -> tuple[NormalizeResult, int]:
+        """Applies the batch (TRAIN); returns the result and how many output chunks ``outputs()``
+        will give (one per input chunk). Raises InvalidArgument (nothing applied) if the batch is
+        empty or unusable."""
+        first = self._first
+        if first is None:
+            raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
+        t0 = time.perf_counter()
+        s, kind, mode = self.session, self.session.kind, self.mode
+        shape = [self._rows, *first.shape[1:]]
+        empty = self._partial is None  # no values at all: an empty batch, as torch allows
+        if not self._batch_stats:
+            st = self._state
+            assert st.running_mean is not None and st.running_var is not None
+            result = NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
+        elif kind.updates_running(mode):
+            prepared: list[Any] = []
+
+            def compute(state: Any, n: int) -> Any:
+                step, prep = kind.finish(self._partial, shape, state, mode, n)
+                prepared.append(prep)
+                return step
+
+            step, version, waited = s.update(compute, "chunk", empty)
+            self._prepared = prepared[-1]
+            result = s._result(step, version, True, waited, t0)
+        else:
+            step, self._prepared = kind.finish(
+                self._partial, shape, self._state, mode, self._state.num_batches_tracked
+            )
+            s._check_step(step, "chunk", empty)
+            result = s._result(step, self._state.version, True, 0.0, t0)
+        self._t_compute += result.compute_seconds
+        n = len(self._chunks) if self._batch_stats and not self.statistics_only else 0
+        return replace(result, compute_seconds=self._t_compute), n
+
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """The output chunks, computed one at a time as they are taken, so the first can be on
+        its way while the next is computed; each input chunk is released once normalized."""
+        if not self._batch_stats or self.statistics_only:
+            return
+        st = self._state
+        kind = self.session.kind
+        chunks, self._chunks = self._chunks, []
+        for i in range(len(chunks)):
+            t0 = time.perf_counter()
+            x, chunks[i] = chunks[i], None  # type: ignore[call-overload]
+            out = kind.normalize_chunk(x, self._prepared, st)
+            self._t_compute += time.perf_counter() - t0
+            yield out
+
+    @property
+    def compute_seconds(self) -> float:
+        """Compute time of the batch so far (chunk statistics, finish, outputs taken)."""
+        return self._t_compute
