@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from normserve.server._app import Server, serve, start_server
+from normserve.server._app import Server, channel_options, configure_process, serve, start_server
 from normserve.server._settings import Settings
 
-__all__ = ["Server", "Settings", "serve", "start_server"]
+__all__ = [
+    "Server",
+    "Settings",
+    "channel_options",
+    "configure_process",
+    "serve",
+    "start_server",
+]

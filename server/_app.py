@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import signal
 import sys
 import threading
-from concurrent import futures
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 import torch
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -23,22 +26,40 @@ from normserve.server._settings import Settings
 from normserve.server._transport._interceptors import ErrorInterceptor
 from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
 from normserve.server._transport._servicer import NormalizerServicer, handlers
-from normserve.server.service import ServiceError, SessionManager
+from normserve.server.service import NormalizerService, ServiceError, SessionManager
 from normserve.v1 import normserve_pb2 as pb
 
-__all__ = ["Server", "serve", "start_server"]
+__all__ = ["Server", "configure_process", "serve", "start_server"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("normserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalizer"].full_name
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+def channel_options(settings: Settings) -> list[tuple[str, int]]:
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
         # Linux's SO_REUSEPORT would let a second server bind a busy port silently.
         ("grpc.so_reuseport", 0),
+        # A peer that vanished (no FIN: a killed VM, a pulled cable) is found by keepalive pings
+        # and its calls end, so its streams free what they hold.
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients may ping as often as every 10 s without being told off (GOAWAY).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds)),
     ]
+    if settings.max_connection_age_seconds:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
+            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_seconds)),
+        ]
+    return options
 
 
 def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
@@ -55,51 +76,90 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20)
         return False
 
 
+def configure_process(settings: Settings) -> None:
+    """Process-wide settings, applied once by the process's entry point (``serve``), never by a
+    server embedded in someone else's process: torch's thread count and glibc's malloc tuning."""
+    if settings.malloc_tuning:
+        tune_malloc()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # process-wide (checked: pool threads too)
+
+
 class Server:
     """A started normserve server in this process. ``port`` is the bound port (useful with :0);
-    ``metrics`` holds its Prometheus collectors (on ``registry``, or a fresh one)."""
+    ``metrics`` holds its Prometheus collectors (on ``registry``, or a fresh one).
+
+    The gRPC server is grpc.aio on an event loop of its own thread; tensor work runs on the
+    service's bounded pool. The methods here are plain blocking calls, so the server embeds in
+    any program (tests, notebooks) whether or not it runs an event loop of its own.
+    """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        if settings.malloc_tuning:
-            tune_malloc()
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)  # process-wide (checked: RPC threads too)
-        self.sessions = SessionManager(settings.device, settings.max_sessions)
+        self.sessions = SessionManager(
+            settings.device, settings.max_sessions, settings.session_max_features()
+        )
         self.metrics = Metrics(registry)
         self.metrics.track_sessions(lambda: len(self.sessions))
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+        self.service = NormalizerService(
+            self.sessions,
+            workers=settings.workers,
+            max_answer_bytes=settings.max_message_bytes,
+            stream_idle_timeout=settings.stream_idle_timeout,
+            stages=StageRecorder(self.metrics),
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="normserve-grpc", daemon=True
+        )
+        self._thread.start()
+        self._stopped = threading.Event()
+        self.metrics_server: MetricsHTTPServer | None = None
+        self.metrics_address = ""
+        try:
+            self.port = self._run(self._build())
+        except BaseException:
+            self._close_loop()
+            raise
+        host = settings.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _build(self) -> int:
+        settings = self.settings
+        self._grpc = grpc.aio.server(
             # outermost first: observability sees the status the error table chose
             interceptors=[ObservabilityInterceptor(self.metrics), ErrorInterceptor()],
-            options=channel_options(settings.max_message_bytes),
+            options=channel_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
-        servicer = NormalizerServicer(self.sessions, StageRecorder(self.metrics))
-        methods = handlers(servicer)
+        methods = handlers(NormalizerServicer(self.service))
         self._grpc.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
         )
         self._grpc.add_registered_method_handlers(SERVICE_NAME, methods)  # type: ignore[attr-defined]
-        self.health = health.HealthServicer()
+        self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        host = settings.address.rsplit(":", 1)[0]
         try:
-            self.port = self._grpc.add_insecure_port(settings.address)
+            port = self._grpc.add_insecure_port(settings.address)
         except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+            port = 0
+        if port == 0:
             raise OSError(
                 f"--address: cannot listen on {settings.address!r} (in use, or not a host:port "
                 "of this machine)"
             )
-        self.address = f"{host}:{self.port}"
-        self._stopped = threading.Event()
-        self.metrics_server: MetricsHTTPServer | None = None
-        self.metrics_address = ""
+        return port
+
+    async def _start(self) -> None:
+        await self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> Server:
         if self.settings.metrics_address not in ("", "off"):
@@ -107,18 +167,29 @@ class Server:
                 self.settings.metrics_address, self.metrics.registry
             )
             self.metrics_address = self.metrics_server.address
-        self._grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._run(self._start())
         return self
+
+    async def _stop(self, grace: float) -> None:
+        # Health first: load balancers and probes see NOT_SERVING while calls in flight drain.
+        await self.health.enter_graceful_shutdown()
+        await self._grpc.stop(grace)
 
     def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, new calls are refused, calls in flight get ``grace`` seconds."""
-        self.health.enter_graceful_shutdown()
-        self._grpc.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self._stopped.is_set():
+            return
+        self._run(self._stop(self.settings.grace_seconds if grace is None else grace))
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.service.close()
+        self._close_loop()
         self._stopped.set()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -143,12 +214,13 @@ def serve(settings: Settings | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         settings.validate()
+        configure_process(settings)
         server = start_server(settings)
     except (OSError, ValueError, ServiceError) as err:
         log.error("normserve cannot start: %s", err)
         return 2
     log.info(
-        "normserve listening on %s (device %s, %d workers; metrics on %s)",
+        "normserve listening on %s (device %s, %d compute workers; metrics on %s)",
         server.address,
         server.sessions.default_device,
         settings.workers,

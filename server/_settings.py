@@ -11,6 +11,9 @@ from typing import Any
 
 __all__ = ["Settings"]
 
+#: Bytes of an answer that are not tensor data (the service's ANSWER_OVERHEAD_BYTES).
+ANSWER_ROOM = 4096
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -29,7 +32,11 @@ class Settings:
     device: str = _opt(
         "auto", "default device for sessions: auto (cuda if present, else cpu), cpu, cuda, cuda:N"
     )
-    workers: int = _opt(16, "threads that run RPCs; each open stream holds one")
+    workers: int = _opt(
+        16,
+        "threads that run tensor work; calls waiting for the network (idle streams, slow "
+        "senders) hold none",
+    )
     max_concurrent_rpcs: int = _opt(
         256, "calls in flight before new ones get RESOURCE_EXHAUSTED (0: no limit)"
     )
@@ -38,6 +45,30 @@ class Settings:
         "largest gRPC message accepted or sent; larger batches must be streamed in chunks",
     )
     max_sessions: int = _opt(10_000, "sessions this server holds at most")
+    max_features: int = _opt(
+        0,
+        "largest num_features of a session (0: the most whose session still fits one message, "
+        "(max-message-bytes - 4096) / 16, ~1M at 16 MiB)",
+    )
+    stream_idle_timeout: float = _opt(
+        60.0,
+        "seconds a NormalizeStream may send nothing before it is ended with DEADLINE_EXCEEDED "
+        "and its partial batch discarded (0: never)",
+    )
+    keepalive_seconds: float = _opt(
+        30.0,
+        "HTTP/2 keepalive ping interval; a peer that does not answer within 10 s is dropped, and "
+        "its calls end (so a vanished client frees its streams)",
+    )
+    max_connection_idle_seconds: float = _opt(
+        300.0, "a connection with no call for this long is closed (clients reconnect on demand)"
+    )
+    max_connection_age_seconds: float = _opt(
+        0.0,
+        "connections are closed after this long, letting calls in flight finish within a "
+        "further grace of the same length (0: no limit); set it behind a load balancer so "
+        "clients spread over new replicas",
+    )
     grace_seconds: float = _opt(
         10.0, "on SIGTERM/SIGINT, how long calls in flight may take to finish"
     )
@@ -100,11 +131,35 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds: must be >= 0, got {self.grace_seconds}")
-        for name in ("max_concurrent_rpcs", "max_sessions", "torch_threads"):
+        for name in (
+            "max_concurrent_rpcs",
+            "max_sessions",
+            "torch_threads",
+            "max_features",
+            "stream_idle_timeout",
+            "keepalive_seconds",
+            "max_connection_idle_seconds",
+            "max_connection_age_seconds",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0")
+        if self.max_message_bytes < 2 * ANSWER_ROOM:
+            raise ValueError(f"--max-message-bytes: must be >= {2 * ANSWER_ROOM}")
+        if self.max_features > self.derived_max_features():
+            raise ValueError(
+                f"--max-features: at most {self.derived_max_features()} with "
+                f"--max-message-bytes {self.max_message_bytes} (a session of more could not be "
+                "read or exported in one message)"
+            )
         if self.log_format not in ("plain", "json"):
             raise ValueError(f"--log-format: expected plain or json, got {self.log_format!r}")
+
+    def derived_max_features(self) -> int:
+        """The most features whose session (four float32 [C] tensors) fits one message."""
+        return max(1, (self.max_message_bytes - ANSWER_ROOM) // 16)
+
+    def session_max_features(self) -> int:
+        return self.max_features or self.derived_max_features()
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

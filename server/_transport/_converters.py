@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from time import perf_counter
+from collections.abc import AsyncIterator
 
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from normserve import _wire as wire
-from normserve._codec import tensor_from_proto, tensor_to_proto
+from normserve import wire
 from normserve.server.service import (
+    Chunk,
     InvalidArgument,
     Kind,
     Mode,
+    NormalizeCall,
     NormalizeResult,
     Session,
     SessionConfig,
     SessionState,
 )
 from normserve.v1 import normserve_pb2 as pb
+from normserve.wire import tensor_from_proto, tensor_to_proto
 
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM, pb.NORM_KIND_BATCH_NORM: Kind.BATCH_NORM}
 _KINDS_OUT = {Kind.BATCH_NORM: pb.NORM_KIND_BATCH_NORM}
@@ -123,46 +124,37 @@ def export_response(state: dict[str, torch.Tensor], version: int) -> pb.ExportSt
     )
 
 
+def normalize_call(raw: bytes) -> NormalizeCall:
+    """A NormalizeRequest's bytes -> the service's call (the tensor decoded on demand)."""
+    req = wire.parse_normalize_request(raw)
+    return NormalizeCall(req.session_id, lambda: mode(req.mode), req.tensor, req.statistics_only)
+
+
 def normalize_response(r: NormalizeResult) -> bytes:
-    """An encoded NormalizeResponse (one copy of the output, see normserve._wire)."""
+    """An encoded NormalizeResponse (one copy of the output, see normserve.wire)."""
     return wire.encode_normalize_response(r.output, r.mean, r.var, r.version, r.batch_statistics)
 
 
-def stream_chunk(
-    head: NormalizeResult | None, out: torch.Tensor, batch_index: int, last: bool
+async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
+    """NormalizeStreamRequest bytes -> the service's chunks."""
+    async for raw in requests:
+        req = wire.parse_stream_request(raw)
+        yield Chunk(
+            req.session_id,
+            req.mode,
+            req.end_of_batch,
+            req.statistics_only,
+            req.tensor if req.has_tensor else None,
+            mode,
+        )
+
+
+def stream_answer(
+    batch_index: int, out: torch.Tensor | None, last: bool, head: NormalizeResult | None
 ) -> bytes:
-    """One encoded answer chunk of a pipelined batch; ``head`` (statistics, version) on the first."""
+    """One encoded NormalizeStreamResponse; ``head`` (statistics, version) on a batch's first."""
     if head is None:
         return wire.encode_stream_response(batch_index, out, last)
     return wire.encode_stream_response(
         batch_index, out, last, head.mean, head.var, head.version, head.batch_statistics
     )
-
-
-def stream_answers(
-    r: NormalizeResult, outputs: Iterator[torch.Tensor], count: int, batch_index: int
-) -> Iterator[tuple[float, bytes]]:
-    """The encoded answer to one streamed batch: the statistics ride on the first message, output
-    chunks follow the input's chunking, the last sets end_of_batch. Yields (start time, bytes),
-    the start taken after the chunk's output was computed, so the caller can time the encoding
-    alone (not the computing, nor the sending)."""
-    if not count:  # statistics only
-        yield (
-            perf_counter(),
-            wire.encode_stream_response(
-                batch_index, None, True, r.mean, r.var, r.version, r.batch_statistics
-            ),
-        )
-        return
-    last = count - 1
-    for i, out in enumerate(outputs):
-        t0 = perf_counter()
-        if i == 0:
-            yield (
-                t0,
-                wire.encode_stream_response(
-                    batch_index, out, last == 0, r.mean, r.var, r.version, r.batch_statistics
-                ),
-            )
-        else:
-            yield t0, wire.encode_stream_response(batch_index, out, i == last)

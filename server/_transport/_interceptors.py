@@ -7,22 +7,24 @@ with its traceback and answered INTERNAL with a generic message, never leaked.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from normserve._codec import TensorFormatError
 from normserve.server._transport._context import current_request_id
 from normserve.server.service import (
     AlreadyExists,
     FailedPrecondition,
+    IdleTimeout,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServiceError,
 )
+from normserve.wire import TensorFormatError
 
 __all__ = [
     "ERROR_STATUS",
@@ -42,6 +44,7 @@ ERROR_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     ServiceError: grpc.StatusCode.UNKNOWN,
 }
 
@@ -81,36 +84,38 @@ def wrap_handler(
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **ser)
 
 
-def _abort(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+async def _abort(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if context.cancelled():
+        return  # the client is gone: its requests ending early is no error, and nobody listens
     code, message = status_for(exc)
     request_id = current_request_id()
     if code is grpc.StatusCode.INTERNAL:
         log.error("unexpected error in %s", method, exc_info=exc, extra={"request_id": request_id})
         message = f"{message} (request id {request_id})"
-    if request_id:
-        context.set_trailing_metadata((("x-request-id", request_id),))
-    context.abort(code, message)
+    # grpc.aio's abort sends its own trailing metadata argument, replacing any set before
+    trailing = (("x-request-id", request_id),) if request_id else ()
+    await context.abort(code, message, trailing)
 
 
-class WrappingInterceptor(grpc.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
     """An interceptor that wraps each method's handler once (``_wrap``) and reuses the wrapper:
     building closures per call would cost every call for nothing."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is not None:
             return cached
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
-            return None
+            return None  # type: ignore[return-value]  # unknown method: grpc answers UNIMPLEMENTED
         self._handlers[method] = wrapped = self._wrap(method, handler)
         return wrapped
 
@@ -123,25 +128,30 @@ class ErrorInterceptor(WrappingInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         def unary(fn: Behavior) -> Behavior:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    return fn(request, context)
+                    return await fn(request, context)
+                except grpc.aio.AbortError:
+                    raise  # already a status
                 except Exception as exc:
-                    _abort(exc, context, method)
+                    await _abort(exc, context, method)
 
             return behavior
 
         def streaming(fn: Behavior) -> Behavior:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            if not inspect.isasyncgenfunction(fn):
+                return unary(fn)  # a coroutine that writes with context.write (health's Watch)
+
+            async def behavior(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 try:
-                    yield from fn(request, context)
-                except grpc.RpcError:
-                    # Raised by the request iterator when the client cancels or its deadline
-                    # passes: the call is over, there is nobody to answer and nothing went wrong.
-                    if context.is_active():
-                        raise
+                    async for item in fn(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
                 except Exception as exc:
-                    _abort(exc, context, method)
+                    await _abort(exc, context, method)
 
             return behavior
 

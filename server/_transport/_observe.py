@@ -7,12 +7,14 @@ only it knows: the session's kind and the mode (as labels) and the stage times o
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -20,7 +22,6 @@ import grpc
 from normserve.server._metrics import Metrics
 from normserve.server._transport._context import CallInfo, _current
 from normserve.server._transport._interceptors import WrappingInterceptor, wrap_handler
-from normserve.server.service import Mode, NormalizeResult, Session
 
 __all__ = ["ObservabilityInterceptor", "StageRecorder"]
 
@@ -34,7 +35,10 @@ _PREFIX = uuid.uuid4().hex[:8]
 _COUNTER = itertools.count(1)
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -54,12 +58,15 @@ class ObservabilityInterceptor(WrappingInterceptor):
         is_stream = method == "NormalizeStream"
         inflight = m.inflight.labels(method) if m is not None else None
 
-        def finish(call: CallInfo, context: grpc.ServicerContext, t0: float, exc: Any) -> None:
+        def finish(call: CallInfo, context: grpc.aio.ServicerContext, t0: float, exc: Any) -> None:
             elapsed = time.perf_counter() - t0
-            code = context.code() if hasattr(context, "code") else None
-            if code is None:
-                if isinstance(exc, GeneratorExit | grpc.RpcError) or not context.is_active():
-                    # the client cancelled (or gRPC closed the stream at shutdown): not an error
+            code = context.code()
+            if isinstance(code, int):  # grpc.aio reports the raw integer of the status
+                code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+            if code is None or code is grpc.StatusCode.OK:
+                if context.cancelled() or isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                    # the client cancelled (or gRPC closed the stream at shutdown): not an error,
+                    # whatever the handler made of its requests ending early
                     code = grpc.StatusCode.CANCELLED
                 else:
                     code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
@@ -84,7 +91,9 @@ class ObservabilityInterceptor(WrappingInterceptor):
                     extra={"request_id": call.request_id},
                 )
 
-        def enter(context: grpc.ServicerContext) -> tuple[CallInfo, contextvars.Token[Any], float]:
+        def enter(
+            context: grpc.aio.ServicerContext,
+        ) -> tuple[CallInfo, contextvars.Token[Any], float]:
             call = CallInfo(method, _request_id(context))
             if m is not None and inflight is not None:
                 inflight.inc()
@@ -100,11 +109,11 @@ class ObservabilityInterceptor(WrappingInterceptor):
                     m.open_streams.dec()
 
         def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call, token, t0 = enter(context)
                 exc = None
                 try:
-                    return fn(request, context)
+                    return await fn(request, context)
                 except BaseException as e:
                     exc = e
                     raise
@@ -115,17 +124,27 @@ class ObservabilityInterceptor(WrappingInterceptor):
             return behavior
 
         def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            if not inspect.isasyncgenfunction(fn):
+                return unary(fn)  # a coroutine that writes with context.write (health's Watch)
+
+            async def behavior(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 call, token, t0 = enter(context)
                 exc = None
                 try:
-                    yield from fn(request, context)
+                    async for item in fn(request, context):
+                        yield item
                 except BaseException as e:
                     exc = e
                     raise
                 finally:
-                    finish(call, context, t0, exc)
                     leave(token)
+                    # A stream's outcome is known only once the call is over: a client that
+                    # cancels may first end its requests, and the handler then ends normally.
+                    context.add_done_callback(
+                        lambda ctx: finish(call, ctx, t0, exc)  # type: ignore[arg-type]
+                    )
 
             return behavior
 
@@ -150,35 +169,24 @@ class ObservabilityInterceptor(WrappingInterceptor):
 
 
 class StageRecorder:
-    """What the servicer reports per batch: labels for the call, stage times, counters."""
+    """The service's StageObserver: labels for the call's metrics, stage times, counters."""
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
 
-    def label(self, session: Session, mode: Mode) -> None:
+    def label(self, kind: str, mode: str) -> None:
         call = _current.get()
         if call is not None:
-            call.kind, call.mode = session.config.kind.value, mode.value
+            call.kind, call.mode = kind, mode
 
     def batch(
         self,
         method: str,
-        session: Session,
-        mode: Mode,
-        result: NormalizeResult,
+        kind: str,
+        mode: str,
+        stages: tuple[float, float, float, float],
         elements: int,
-        decode: float,
-        encode: float,
+        trained: bool,
     ) -> None:
-        m = self.metrics
-        if m is None:
-            return
-        cfg = session.config
-        m.record_batch(
-            method,
-            cfg.kind.value,
-            mode.value,
-            (decode, result.wait_seconds, result.compute_seconds, encode),
-            elements,
-            mode is Mode.TRAIN and cfg.track_running_stats,
-        )
+        if self.metrics is not None:
+            self.metrics.record_batch(method, kind, mode, stages, elements, trained)

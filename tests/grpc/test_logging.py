@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import grpc
 import pytest
@@ -41,6 +42,17 @@ def test_unexpected_error_is_internal_and_not_leaked(
     assert client.normalize(sid, torch.randn(4, 3)).output.shape == (4, 3)  # still serving
 
 
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    """The records containing ``text``, waiting (bounded) for them: the server logs a call when
+    it has ended, which may be just after the client got its status."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in caplog.records if text in r.getMessage()]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
 def test_client_request_id_is_used(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     with grpc.insecure_channel(server.address) as channel:
         from normserve.v1 import normserve_pb2 as pb
@@ -55,7 +67,7 @@ def test_client_request_id_is_used(server: Server, caplog: pytest.LogCaptureFixt
                 pb.GetSessionRequest(session_id="nope"), metadata=(("x-request-id", "req-42"),)
             )
     assert ("x-request-id", "req-42") in tuple(info.value.trailing_metadata())
-    (record,) = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
+    (record,) = _logged(caplog, "NOT_FOUND")
     assert record.request_id == "req-42"
     assert "GetSession NOT_FOUND" in record.getMessage()
 
@@ -79,5 +91,5 @@ def test_client_metadata_reaches_the_server(
         pytest.raises(NormserveError),
     ):
         client.get_session("nope", metadata=[("x-request-id", "from-client")])
-    (record,) = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
+    (record,) = _logged(caplog, "NOT_FOUND")
     assert record.request_id == "from-client"
