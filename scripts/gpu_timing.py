@@ -68,7 +68,7 @@ def main() -> None:
                 total = reg.get_sample_value(
                     "normserve_stage_duration_seconds_sum", {"method": method, "stage": "compute"}
                 )
-                if count:
+                if count and total is not None:
                     print(
                         f"   server compute stage (synchronized), mean over {int(count)} batches: "
                         f"{total / count * 1e3:.3f} ms; CUDA-event kernel time: {kernel_ms(x_gpu):.3f} ms"
