@@ -11,6 +11,9 @@ request bytes) and ``/bench.Echo/Stream`` (returns every message as it arrives) 
 No protobuf is parsed on either side (identity serializers), so what it measures is gRPC itself on
 this machine: the same thread pool size, message size limits, socket options and concurrency limit
 as a normserve server built from ``Settings()`` defaults.
+
+Only public APIs: ``normserve.server`` (``Settings``, its ``channel_options`` and the process
+settings of ``configure_process``) and ``normserve.wire``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ from typing import Any
 import grpc
 import torch
 
-from normserve import _wire as wire
-from normserve.server._app import channel_options, tune_malloc
-from normserve.server._settings import Settings
+from normserve import wire
+from normserve.server import Settings, channel_options, configure_process
 
 SERVICE = "bench.Echo"
 UNARY = f"/{SERVICE}/Unary"
@@ -47,11 +49,13 @@ def _stream(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
 
 def _kernel(request: bytes, context: Any) -> bytes:
     """A floor for a unary TRAIN call: the least any Python server must do with a batch. View the
-    tensor in a NormalizeRequest (zero-copy), run ONE fused torch batch-norm kernel, and send the
-    output back (one copy). No sessions, no running statistics, no checks, no metrics."""
+    tensor in a NormalizeRequest (zero-copy), run ONE fused torch batch-norm kernel, and send a
+    NormalizeResponse back (one copy): the output and two [C] statistics, the kernel's inverse
+    std standing in for the variance (same size, no second kernel). No sessions, no running
+    statistics, no checks, no metrics."""
     x = wire.parse_normalize_request(request).tensor()
-    out = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)[0]
-    return b"".join(wire._tensor_parts(1, out))
+    out, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
+    return wire.encode_normalize_response(out, mean, invstd, 0, True)
 
 
 def _store_forward(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
@@ -69,12 +73,10 @@ def _store_forward(requests: Iterable[bytes], context: Any) -> Iterator[bytes]:
 def build_server(address: str, settings: Settings | None = None) -> tuple[grpc.Server, str]:
     """An unstarted echo server bound to ``address``; returns it and the bound host:port."""
     settings = settings or Settings()
-    torch.set_num_threads(settings.torch_threads or torch.get_num_threads())
-    if settings.malloc_tuning:  # the same process settings as a normserve server
-        tune_malloc()
+    configure_process(settings)  # the same process settings as a normserve server
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        options=channel_options(settings.max_message_bytes),
+        options=channel_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     # None serializers: the handlers see and return the raw message bytes.

@@ -36,15 +36,20 @@ import torch.nn.functional as F
 from echo import KERNEL, STORE, STREAM, UNARY
 
 from normserve.client import AsyncClient
-from normserve.client._bench import (
+from normserve.client.bench import (
     CallFactory,
+    Result,
     encode_batch,
+    fmt_us,
+    git_commit,
+    machine_info,
     normserve_calls,
+    raw_stream,
+    raw_unary,
     run_load,
     stream_calls,
     unary_calls,
 )
-from normserve.client._bench_report import Result, fmt_us, git_commit, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS: dict[str, tuple[int, ...]] = {
@@ -197,6 +202,11 @@ def per_call_seconds(fn: Callable[[], Any], seconds: float) -> float:
     return statistics.median(times)
 
 
+def ends_at(last: int) -> Callable[[Any, int], bool]:
+    """``batch_done`` for a stream whose batch ends with its message number ``last``."""
+    return lambda _, k: k == last
+
+
 def compute_limit(shape: tuple[int, ...], seconds: float) -> dict[str, float]:
     """torch's batch norm on the same batch, in this process: seconds per call, train and eval."""
     x = torch.randn(shape)
@@ -228,10 +238,10 @@ async def measure_all(
     inputs = {wl: torch.randn(shape) for wl, shape in WORKLOADS.items()}
     # One AsyncClient (one channel, the same options) per server: echo runs over the same machinery.
     async with AsyncClient(normserve_at, timeout=30) as ns, AsyncClient(echo_at, timeout=30) as ec:
-        echo_unary = ec._channel.unary_unary(UNARY)
-        echo_stream = ec._channel.stream_stream(STREAM)
-        kernel_unary = ec._channel.unary_unary(KERNEL)
-        store_stream = ec._channel.stream_stream(STORE)
+        echo_unary = raw_unary(ec, UNARY)
+        echo_stream = raw_stream(ec, STREAM)
+        kernel_unary = raw_unary(ec, KERNEL)
+        store_stream = raw_stream(ec, STORE)
         for i, spec in enumerate(specs, 1):
             x = inputs[spec.workload]
             session = await ns.create_session(x.shape[1])
@@ -249,7 +259,7 @@ async def measure_all(
                     factory = stream_calls(
                         store_stream,
                         wires,
-                        batch_done=lambda _, k, last=last: k == last,
+                        batch_done=ends_at(last),
                         timeout=30,
                     )
                 else:
@@ -267,7 +277,7 @@ async def measure_all(
                         factory = stream_calls(
                             echo_stream,
                             wires,
-                            batch_done=lambda _, k, last=last: k == last,
+                            batch_done=ends_at(last),
                             timeout=30,
                         )
                 # A quick run's L batch may outlast its whole window: measure its first one.
@@ -696,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     normserve = Proc(
-        [sys.executable, "-m", "normserve", "serve", "--address", "127.0.0.1:0", "--device", "cpu",
+        [sys.executable, "-m", "normserve.server", "--address", "127.0.0.1:0", "--device", "cpu",
          "--grace-seconds", "1"],
         "stderr",
         env={"NORMSERVE_METRICS_ADDRESS": "127.0.0.1:0"},  # never collide with a running server

@@ -36,11 +36,15 @@ from normserve.client._common import (
 from normserve.client._errors import NormserveError, from_rpc_error
 
 __all__ = [
+    "BadResponse",
     "Call",
     "CallFactory",
     "check_target",
     "encode_batch",
+    "is_loopback",
     "normserve_calls",
+    "raw_stream",
+    "raw_unary",
     "run_load",
     "stream_calls",
     "unary_calls",
@@ -347,6 +351,19 @@ def stream_calls(
 SERVICE = "/normserve.v1.Normalizer/"
 
 
+def raw_unary(client: Any, method: str) -> Any:
+    """A grpc.aio unary-unary callable for ``method`` (``"/package.Service/Method"``) over an
+    ``AsyncClient``'s channel, with its options and credentials, taking and returning raw bytes
+    (no protobuf either way): for ``unary_calls`` to any service on the same server."""
+    return client._channel.unary_unary(method)
+
+
+def raw_stream(client: Any, method: str) -> Any:
+    """A grpc.aio stream-stream callable of raw bytes for ``method`` over an ``AsyncClient``'s
+    channel: call it to open a stream, for ``stream_calls``."""
+    return client._channel.stream_stream(method)
+
+
 def encode_batch(
     session_id: str, x: Any, mode: str, *, rpc: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> list[bytes]:
@@ -377,10 +394,8 @@ def normserve_calls(
     ``AsyncClient``'s channel, as raw bytes: the request is encoded once, and the answer is checked
     (its size; a stream's end_of_batch) but not decoded into tensors. The tool measures the server,
     and normserve costs the client what the raw echo baseline costs it."""
-    from normserve._wire import parse_stream_response
+    from normserve.wire import parse_stream_response
 
-    # The client's channel (its options and credentials), raw bytes both ways.
-    channel = client._channel
     wire = encode_batch(session_id, x, mode, rpc=rpc, chunk_bytes=client.chunk_bytes)
     nbytes = x.numel() * x.element_size()
     if rpc == "unary":
@@ -390,13 +405,13 @@ def normserve_calls(
                 raise BadResponse(f"a {len(response)}-byte answer to a {nbytes}-byte batch")
 
         return unary_calls(
-            channel.unary_unary(SERVICE + "Normalize"),
+            raw_unary(client, SERVICE + "Normalize"),
             wire[0],
             metadata=metadata,
             timeout=timeout,
             check=check,
         )
-    stream = channel.stream_stream(SERVICE + "NormalizeStream")
+    stream = raw_stream(client, SERVICE + "NormalizeStream")
 
     def batch_done(raw: bytes, _: int) -> bool:
         return parse_stream_response(raw).end_of_batch  # views the chunk, copies nothing
@@ -427,6 +442,7 @@ def _host(target: str) -> str | None:
 
 
 def is_loopback(target: str) -> bool:
+    """Whether a gRPC target is on this machine: 127.0.0.0/8, ::1, localhost or a Unix socket."""
     host = _host(target)
     if host is None:
         return True

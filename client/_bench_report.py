@@ -21,7 +21,9 @@ __all__ = [
     "PERCENTILES",
     "Result",
     "compare_table",
+    "fmt_us",
     "format_summary",
+    "git_commit",
     "load_result",
     "machine_info",
     "new_histogram",
@@ -34,6 +36,7 @@ FORMAT_VERSION = 1
 
 
 def new_histogram() -> HdrHistogram:
+    """An empty latency histogram: microseconds, 1 us to 60 s, 3 significant digits."""
     return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
 
 
@@ -58,14 +61,17 @@ class Result:
 
     @property
     def count(self) -> int:
+        """Successful requests measured."""
         return int(self.histogram.get_total_count())
 
     @property
     def error_count(self) -> int:
+        """Failed requests measured, all codes together."""
         return sum(self.errors.values())
 
     @property
     def throughput_rps(self) -> float:
+        """Successful requests per second of the measured window."""
         return self.count / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
@@ -87,6 +93,7 @@ class Result:
         return out
 
     def summary(self) -> dict[str, Any]:
+        """Counts, errors, throughput and latency percentiles, as JSON-ready values."""
         return {
             "count": self.count,
             "errors": dict(self.errors),
@@ -99,6 +106,7 @@ class Result:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form: config, machine, summary, per-second series and the encoded histogram."""
         return {
             "format": "normserve-bench",
             "format_version": FORMAT_VERSION,
@@ -111,6 +119,7 @@ class Result:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
+        """The inverse of ``to_dict``; ValueError if ``d`` is not a normserve bench result."""
         if d.get("format") != "normserve-bench":
             raise ValueError("not a normserve bench result (no 'format': 'normserve-bench')")
         s = d["summary"]
@@ -135,6 +144,7 @@ class Result:
 
 
 def load_result(path: str) -> Result:
+    """Reads a result written by ``Result.write_json``; ValueError if it is not one."""
     try:
         return Result.from_dict(json.loads(Path(path).read_text()))
     except (KeyError, TypeError, json.JSONDecodeError) as err:
@@ -186,6 +196,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def machine_info() -> dict[str, Any]:
+    """This machine and the versions in use (CPU, memory, Python, torch, grpcio, protobuf,
+    normserve, git commit, load average): stored with every result."""
     import google.protobuf
     import grpc
     import torch
@@ -216,6 +228,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def fmt_us(us: float) -> str:
+    """Microseconds for people: ``850us``, ``1.25ms``, ``2.00s``."""
     if us >= 1e6:
         return f"{us / 1e6:.2f}s"
     if us >= 1e3:

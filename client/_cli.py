@@ -1,4 +1,5 @@
-"""The ``normserve`` command: ``serve`` runs a server; ``session ...`` and ``health`` operate one."""
+"""The ``normserve`` command: ``session ...``, ``health`` and ``bench`` operate a server; ``serve``
+hands over to the server's own command. Nothing here imports ``normserve.server``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from normserve import __version__
 from normserve.client._common import DEFAULT_TARGET, SessionInfo
@@ -17,10 +18,16 @@ from normserve.client._sync import Client
 __all__ = ["main"]
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from normserve.server import Settings, serve  # the server's deps load only for `serve`
+#: What ``normserve serve ARGS`` runs instead of itself: the server's entry point, same interpreter.
+SERVER_COMMAND = ("-m", "normserve.server")
 
-    return serve(Settings.from_args(args))
+
+def _serve(args: Sequence[str]) -> NoReturn:
+    """Replaces this process with ``python -m normserve.server ARGS``: same pid, so signals reach
+    the server itself and its exit status is the command's; its flags and ``--help`` are its own."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *SERVER_COMMAND, *args])
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -141,15 +148,16 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from normserve.server._settings import Settings
-
     p = argparse.ArgumentParser(prog="normserve", description="Normalization as a service.")
     p.add_argument("--version", action="version", version=f"normserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run a server (until SIGTERM/SIGINT)")
-    Settings.add_arguments(serve)
-    serve.set_defaults(func=_serve)
+    # Listed here, run by main() before parsing: every argument goes to the server's command.
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="run a server until SIGTERM/SIGINT (normserve serve --help: its flags)",
+    )
 
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument(
@@ -213,6 +221,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; ``serve`` does not return (the process becomes the server)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        try:
+            _serve(argv[1:])
+        except OSError as err:
+            print(f"normserve: cannot run the server ({sys.executable}): {err}", file=sys.stderr)
+            return 1
     args: Any = _parser().parse_args(argv)
     try:
         return int(args.func(args))

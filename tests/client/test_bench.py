@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,21 +19,24 @@ import grpc
 import pytest
 import torch
 
-from normserve._codec import tensor_from_proto
 from normserve.client import Client
-from normserve.client._bench import (
+from normserve.client._cli import main
+from normserve.client.bench import (
     Call,
     CallFactory,
+    Result,
     check_target,
+    compare_table,
     encode_batch,
     is_loopback,
+    load_result,
+    new_histogram,
     run_load,
 )
-from normserve.client._bench_report import Result, compare_table, load_result, new_histogram
-from normserve.client._cli import main
 from normserve.server import Server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
+from normserve.wire import tensor_from_proto
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -266,10 +269,65 @@ def test_suite_quick_writes_the_report(tmp_path: Path) -> None:
         assert heading in text
     assert "p50 / echo p50" in text and "--quick" in text
     assert "targets" in proc.stdout and "p50/echo" in proc.stdout
-    assert any(verdict in proc.stdout for verdict in ("PASS", "MISS"))
-    results = json.loads(js.read_text())["results"]
+    data = json.loads(js.read_text())
+    results = data["results"]
     assert results["S/echo/unary/-/c1"]["summary"]["count"] > 0
     assert results["L/normserve/stream/train/c1"]["summary"]["count"] > 0
+    # Each verdict is the one its measurements imply, in the JSON and on stdout alike.
+    expected = _expected_verdicts(data)
+    assert len(expected) == 6, expected
+    stored = {name: verdict for name, _, verdict in data["meta"]["targets"]}
+    printed = proc.stdout.split("\ntargets\n", 1)[1].splitlines()
+    for name, verdict in expected.items():
+        if verdict is None:
+            continue  # too close to its threshold to recompute from rounded JSON
+        assert stored[name] == verdict, name
+        (line,) = [row for row in printed if row.startswith(name + "  ")]
+        assert line.split()[-1] == verdict, line
+
+
+def _expected_verdicts(data: dict[str, Any]) -> dict[str, str | None]:
+    """Recomputes from the suite's JSON results the verdict of the targets that need no compute
+    figures: PASS, MISS or n/a (None where a ratio is within 1e-4 of its threshold)."""
+    results = {key: Result.from_dict(r) for key, r in data["results"].items()}
+
+    def ratio(
+        key: str, limit: str, threshold: float, ok: Callable[[float, float], bool], p50: bool
+    ) -> str | None:
+        r, lim = results[key], results[limit]
+        if not (r.count and lim.count):
+            return "n/a"
+        if p50:
+            value = r.latency_us()["p50"] / lim.latency_us()["p50"]
+        else:
+            value = r.throughput_rps / lim.throughput_rps
+        if abs(value - threshold) < 1e-4:
+            return None
+        return "PASS" if ok(value, threshold) else "MISS"
+
+    def at_most(v: float, t: float) -> bool:
+        return v <= t
+
+    def at_least(v: float, t: float) -> bool:
+        return v >= t
+
+    out: dict[str, str | None] = {}
+    for wl in ("S", "M"):
+        out[f"{wl} unary TRAIN c1 p50 <= 1.2x echo p50"] = ratio(
+            f"{wl}/normserve/unary/train/c1", f"{wl}/echo/unary/-/c1", 1.2, at_most, True
+        )
+    out["S unary TRAIN c4 throughput >= 0.8x echo"] = ratio(
+        "S/normserve/unary/train/c4", "S/echo/unary/-/c4", 0.8, at_least, False
+    )
+    out["L stream TRAIN c1 throughput >= 0.7x echo stream"] = ratio(
+        "L/normserve/stream/train/c1", "L/echo/stream/-/c1", 0.7, at_least, False
+    )
+    out["S unary TRAIN c64: no errors"] = (
+        "MISS" if results["S/normserve/unary/train/c64"].errors else "PASS"
+    )
+    hwm = data["server_memory_kib"].get("VmHWM")
+    out["server peak RSS < 1 GiB"] = "n/a" if hwm is None else "PASS" if hwm < 1 << 20 else "MISS"
+    return out
 
 
 def test_errors_show_what_the_server_said(

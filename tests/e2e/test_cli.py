@@ -1,7 +1,9 @@
-"""The CLI as a user runs it: `normserve serve` as a subprocess, operator commands, SIGTERM."""
+"""The CLI as a user runs it: `normserve serve` as a subprocess (on port 0, the bound port read
+back from its log), operator commands, SIGTERM, and the client CLI's independence from the server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -10,15 +12,19 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib import import_module
 from pathlib import Path
 
 import pytest
 import torch
 
 from normserve.client import Client, UnavailableError
+from normserve.server import Settings
 
 CLI = [sys.executable, "-m", "normserve"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -45,7 +51,7 @@ def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
     target = ""
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        match = re.search(r"listening on (\S+)", line)
+        match = re.search(r"normserve listening on (\S+:\d+)", line)
         if match:
             target = match.group(1)
             break
@@ -62,6 +68,15 @@ def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def run_server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "normserve.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_operator_commands(served: tuple[subprocess.Popen[str], str], tmp_path: Path) -> None:
@@ -89,12 +104,12 @@ def test_operator_commands(served: tuple[subprocess.Popen[str], str], tmp_path: 
 
 def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[str], str]) -> None:
     proc, target = served
-    sent_first = threading.Event()
+    answered = threading.Event()  # the first batch is answered: the stream is open on the server
+    refusing = threading.Event()  # the server refuses new calls: it is draining
 
     def batches() -> Iterator[torch.Tensor]:
         yield torch.randn(8, 3)
-        sent_first.set()
-        time.sleep(1.0)  # SIGTERM lands here, mid-stream
+        refusing.wait(30)  # SIGTERM lands here, mid-stream
         yield torch.randn(8, 3)
 
     with Client(target) as client:
@@ -102,19 +117,28 @@ def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[st
         results: list[int] = []
 
         def consume() -> None:
-            results.extend(r.version for r in client.normalize_stream(sid, batches()))
+            for r in client.normalize_stream(sid, batches()):
+                results.append(r.version)
+                answered.set()
 
         t = threading.Thread(target=consume)
         t.start()
-        assert sent_first.wait(10)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(UnavailableError):  # new calls are refused while draining
-            client.list_sessions(timeout=5)
-        t.join(20)
-    assert results == [2, 3]
-    assert proc.wait(20) == 0
+        try:
+            assert answered.wait(30)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while True:  # new calls are refused once the server has taken the signal
+                try:
+                    client.list_sessions(timeout=5)
+                except UnavailableError:
+                    break
+                assert time.monotonic() < deadline, "new calls still accepted 10 s after SIGTERM"
+                time.sleep(0.02)
+        finally:
+            refusing.set()
+            t.join(30)
+    assert results == [2, 3]  # the stream in flight was answered to its end
+    assert proc.wait(20) == 0  # the server's own exit status: `serve` replaced its process
 
 
 @pytest.mark.parametrize(
@@ -127,7 +151,54 @@ def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[st
     ],
 )
 def test_serve_refuses_bad_settings_clearly(flags: list[str], message: str) -> None:
-    done = run("serve", "--metrics-address", "127.0.0.1:0", *flags)
+    # port 0 for both: a server already on the default ports must not change the outcome
+    done = run("serve", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *flags)
     assert done.returncode == 2
     assert "normserve cannot start: " + message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_help_is_the_servers() -> None:
+    """`normserve serve --help` is the server's own help: every Settings field as a flag."""
+    shown = run("serve", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == run_server("--help").stdout
+    for f in dataclasses.fields(Settings):
+        assert f"--{f.name.replace('_', '-')} " in shown.stdout, f.name
+
+
+def test_console_scripts_resolve() -> None:
+    """pyproject's [project.scripts] (normserve, normserve-server) name functions that exist."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"normserve", "normserve-server"} <= set(scripts)
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(import_module(module), name)), target
+
+
+# Runs the client CLI in a fresh interpreter, then lists the server-side modules it loaded.
+_LOADED = """
+import sys
+from normserve.client._cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+# (grpc's own __init__ imports the bare grpc_reflection package; the service is in v1alpha)
+heavy = ("normserve.server", "prometheus_client", "grpc_reflection.v1alpha")
+print("--- loaded:", *sorted(m for m in sys.modules for h in heavy if (m + ".").startswith(h + ".")))
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [["session", "list", "--help"], ["--help"], ["health", "--help"], ["bench", "--help"]]
+)
+def test_client_cli_imports_nothing_of_the_server(args: list[str]) -> None:
+    """`normserve session ...` and friends load neither the server nor its dependencies."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    shown, _, loaded = done.stdout.rpartition("--- loaded:")
+    assert shown.startswith("usage: normserve"), done.stdout
+    assert loaded.split() == []
