@@ -110,15 +110,19 @@ def tensor_to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Te
 
 
 def _checked_numel(shape: Sequence[int], field: str, itemsize: int) -> int:
-    numel = 1
+    # The product of the non-zero dims is bounded too: an empty tensor of [0, C, 2^40, 2^40] has
+    # no bytes, but its strides overflow int64 (torch refuses to allocate even its header).
+    numel = extent = 1
     for i, dim in enumerate(shape):
         if dim < 0:
             raise TensorFormatError(f"{field}.shape[{i}]", f"dimension must be >= 0, got {dim}")
         numel *= dim
-        if numel * itemsize > MAX_TENSOR_BYTES:
+        extent *= dim or 1
+        if extent * itemsize > MAX_TENSOR_BYTES:
             raise TensorFormatError(
                 f"{field}.shape",
-                f"{list(shape)} describes more than {MAX_TENSOR_BYTES} bytes",
+                f"{list(shape)} describes more than {MAX_TENSOR_BYTES} bytes"
+                + (" (counting its non-zero dimensions)" if numel == 0 else ""),
             )
     return numel
 
