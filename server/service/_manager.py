@@ -100,9 +100,10 @@ class SessionManager:
 
     def delete(self, session_id: str) -> None:
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
-                raise NotFound(f"session {_shown(session_id)} not found")
-            self.store.drop(session_id)
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise NotFound(f"session {_shown(session_id)} not found")
+        session.close()
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[Session], str]:
         """One page in id order and the token of the next ('' on the last page). Tokens hold the

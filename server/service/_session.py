@@ -107,6 +107,12 @@ class Session:
         """Commits the initial state (version 1)."""
         self._store.commit(self.session_id, self._initial, 0)
 
+    def close(self) -> None:
+        """Drops the state once an update in flight has committed (deleting a session lets calls
+        already running on it finish; later ones see NOT_FOUND)."""
+        with self._lock:
+            self._store.drop(self.session_id)
+
     @property
     def state(self) -> SessionState:
         """The current snapshot (never mutated in place)."""
