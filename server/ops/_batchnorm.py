@@ -107,11 +107,37 @@ def batch_norm_train(
     elif work.device.type == "cpu":
         out, mean, var, new = _fused(work, weight, bias, eps, running, factor, shift=False)
         if _ill_conditioned(mean, var):
-            out, mean, var, new = _fused(work, weight, bias, eps, running, factor, shift=True)
+            out, mean, var, new = _exact_train(work, weight, bias, eps, running, factor)
     else:
         out, mean, var, new = _fused(work, weight, bias, eps, running, factor, shift=True)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
+    return out, mean, var, new
+
+
+def _exact_train(
+    work: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    running: Running | None,
+    factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Running | None]:
+    """The CPU path for a batch with an ill-conditioned channel (rare): statistics of the
+    pivot-shifted batch with float64 accumulation (the fused kernel's float32 accumulation over N
+    leaves ~1e-6..1e-5 of relative variance error there), then torch's inference kernel on the
+    shifted values, whose mean is small, so nothing cancels."""
+    count = work.numel() // work.shape[1]
+    pivot = _first(work)
+    d = work - pivot  # exact in float32 (Sterbenz) for values within 2x of the pivot
+    mean_d = d.sum(dim=reduce_dims(d), dtype=torch.float64) / count
+    var = _direct_variance(d, mean_d)
+    out = normalize(d, mean_d.float(), var.float(), weight, bias, eps)
+    mean = (mean_d + pivot.reshape(-1).double()).float()
+    var = var.float()
+    new = None
+    if running is not None:
+        new = update_running(running[0], running[1], mean, var, count, factor)
     return out, mean, var, new
 
 

@@ -10,6 +10,10 @@ from normserve.server import ops
 
 SHAPES = [(64, 16), (8, 4, 7), (4, 3, 5, 6), (2, 3, 2, 3, 4)]
 
+# The README: "the variance stays accurate to ~1e-7 relative even for data like mean 1e4, std 1e-2".
+# A float32 result carries up to 6e-8 of its own rounding; 3e-7 allows a few float32 ulps.
+README_VAR_RTOL = 3e-7
+
 
 def _ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x64 = x.double()
@@ -47,16 +51,27 @@ def test_batch_norm_train_matches_torch(shape: tuple[int, ...], dtype: torch.dty
 
 
 @pytest.mark.parametrize("outlier", [0.0, 100.0, 1e4])
-def test_batch_norm_train_accurate_where_float32_fails(outlier: float) -> None:
-    """Mean 1e4, std 1e-2, even when the pivot (each channel's first value) is an outlier."""
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (32, 16, 8, 8),
+        (64, 2, 16),
+        (64, 256),
+        (256, 1024),
+    ],
+)
+def test_batch_norm_train_accurate_where_float32_fails(
+    shape: tuple[int, ...], outlier: float
+) -> None:
+    """Mean 1e4, std 1e-2, even when the pivot (each channel's first value) is an outlier: the
+    variance to the README's ~1e-7 relative."""
     g = torch.Generator().manual_seed(2)
-    for shape in [(64, 256), (32, 16, 8, 8), (256, 1024)]:
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
-        x[(0, slice(None), *([0] * (x.dim() - 2)))] += outlier * 1e-2
-        _, var64 = _ref(x)
-        _, _, var, _ = ops.batch_norm_train(x, None, None, 1e-5)
-        rel = ((var.double() - var64).abs() / var64).max().item()
-        assert rel <= 1e-4, rel
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
+    x[(0, slice(None), *([0] * (x.dim() - 2)))] += outlier * 1e-2
+    _, var64 = _ref(x)
+    _, _, var, _ = ops.batch_norm_train(x, None, None, 1e-5)
+    rel = ((var.double() - var64).abs() / var64).max().item()
+    assert rel <= README_VAR_RTOL, rel
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -84,8 +99,8 @@ def test_fused_running_update_matches_torch(momentum: float | None, dtype: torch
 @pytest.mark.parametrize("shape", [(64, 256), (32, 16, 8, 8)])
 @pytest.mark.parametrize("chunks", [1, 3, 7])
 def test_variance_accurate_where_float32_fails(shape: tuple[int, ...], chunks: int) -> None:
-    """Mean 1e4, std 1e-2 in float32: relative variance error <= 1e-4 against float64 on the same
-    float32 values, whole or merged from chunks (torch's CPU kernel is off by ~2e-3 here)."""
+    """Mean 1e4, std 1e-2 in float32: the README's ~1e-7 relative variance error against float64
+    on the same float32 values, whole or merged from chunks (measured: 3e-10)."""
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
     _, var64 = _ref(x)
@@ -95,7 +110,7 @@ def test_variance_accurate_where_float32_fails(shape: tuple[int, ...], chunks: i
         m = pm if m is None else ops.merge_moments(m, pm)
     assert m is not None
     rel = ((m.var - var64).abs() / var64).max().item()
-    assert rel <= 1e-4, rel
+    assert rel <= README_VAR_RTOL, rel
 
 
 def test_merge_equals_whole() -> None:
@@ -166,7 +181,7 @@ def test_fused_running_update_accurate_where_float32_fails() -> None:
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(64, 8, 4, 4, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
     # running var starts at 0 so the stored value is the batch's contribution alone (a float32
-    # buffer holding 1 + 5e-5 could not show a 1e-4 relative error of the 5e-5)
+    # buffer holding 1 + 5e-5 could not show a small relative error of the 5e-5)
     running = (torch.zeros(8), torch.zeros(8))
     _, _, _, new = ops.batch_norm_train(x, None, None, 1e-5, running, 0.5)
     assert new is not None
@@ -174,4 +189,5 @@ def test_fused_running_update_accurate_where_float32_fails() -> None:
     dims = (0, 2, 3)
     mean64, var64 = x64.mean(dim=dims), x64.var(dim=dims, unbiased=True)
     torch.testing.assert_close(new[0].double(), 0.5 * mean64, rtol=1e-6, atol=0)
-    assert ((new[1].double() - 0.5 * var64).abs() / (0.5 * var64)).max().item() <= 1e-4
+    rel = ((new[1].double() - 0.5 * var64).abs() / (0.5 * var64)).max().item()
+    assert rel <= README_VAR_RTOL, rel  # measured: 7e-8
