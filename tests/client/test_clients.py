@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import grpc
@@ -21,7 +22,8 @@ from normserve.client import (
 )
 from normserve.server import Server
 
-PUBLIC = [
+# The README's list of the methods both clients have.
+README_METHODS = {
     "create_session",
     "get_session",
     "list_sessions",
@@ -32,13 +34,53 @@ PUBLIC = [
     "normalize",
     "normalize_stream",
     "health",
-    "close",
-]
+}
 
 
-def test_sync_and_async_share_method_names() -> None:
-    for name in PUBLIC:
-        assert hasattr(Client, name) and hasattr(AsyncClient, name), name
+def _public_methods(cls: type) -> set[str]:
+    return {n for n, _ in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")}
+
+
+def _parameters(func: object) -> list[tuple[str, object, object, object]]:
+    """Name, kind, default and annotation of each parameter. Each client module has its own
+    ``object()`` sentinel for "the client's default timeout": those compare as one value."""
+
+    def default(value: object) -> object:
+        return "<client default>" if type(value) is object else value
+
+    return [
+        (p.name, p.kind, default(p.default), p.annotation)
+        for p in inspect.signature(func).parameters.values()  # type: ignore[arg-type]
+    ]
+
+
+def test_sync_and_async_clients_have_the_same_methods() -> None:
+    assert _public_methods(Client) == _public_methods(AsyncClient)
+    assert README_METHODS | {"close"} <= _public_methods(Client)
+
+
+@pytest.mark.parametrize("name", sorted(_public_methods(Client)))
+def test_sync_and_async_signatures_match(name: str) -> None:
+    """Same parameters, kinds, defaults and annotations; only the return type differs (awaitable,
+    or an async iterator for ``normalize_stream``)."""
+    sync, aio = getattr(Client, name), getattr(AsyncClient, name)
+    assert _parameters(sync) == _parameters(aio)
+    if name == "normalize_stream":
+        assert inspect.isasyncgenfunction(aio) and not inspect.isasyncgenfunction(sync)
+    else:
+        assert inspect.iscoroutinefunction(aio) and not inspect.iscoroutinefunction(sync)
+
+
+def test_signature_comparison_sees_a_parameter_added_to_one_client() -> None:
+    sig = inspect.signature(Client.get_session)
+    extra = inspect.Parameter("extra", inspect.Parameter.KEYWORD_ONLY, default=0)
+
+    def widened() -> None: ...
+
+    widened.__signature__ = sig  # type: ignore[attr-defined]
+    assert _parameters(widened) == _parameters(AsyncClient.get_session)
+    widened.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
+    assert _parameters(widened) != _parameters(AsyncClient.get_session)
 
 
 def test_numpy_in_numpy_out(client: Client) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -58,12 +57,6 @@ def _find_engine() -> list[str] | None:
         if exe and _answers([exe]):
             return [exe]
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Engine:
@@ -140,19 +133,29 @@ def _fetch_metrics(url: str, tries: int = 10) -> str:
     return f"<no /metrics at {url}: {err}>"
 
 
+def _published_port(engine: Engine, name: str, container_port: int) -> int:
+    """The host port the engine picked for ``container_port`` (published as ``127.0.0.1::PORT``,
+    so no port is chosen here and then raced for)."""
+    out = engine("port", name, f"{container_port}/tcp").stdout
+    for line in out.splitlines():  # "127.0.0.1:41234" (docker may list one line per address)
+        host, _, port = line.strip().rpartition(":")
+        if host == "127.0.0.1" and port.isdigit():
+            return int(port)
+    raise AssertionError(f"no 127.0.0.1 port published for {container_port}: {out!r}")
+
+
 @pytest.fixture
 def container(engine: Engine, image: tuple[str, float, int]) -> Iterator[tuple[str, int, int]]:
     name = f"normserve-test-{uuid.uuid4().hex[:8]}"
-    grpc_port, metrics_port = _free_port(), _free_port()
     engine(
         "run", "-d", "--name", name,
-        "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9464",
+        "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9464",
         "-e", "NORMSERVE_DEVICE=cpu",
         image[0],
         timeout=120,
     )  # fmt: skip
     try:
-        yield name, grpc_port, metrics_port
+        yield name, _published_port(engine, name, 50051), _published_port(engine, name, 9464)
     finally:
         engine(
             "rm", "-f", *(["-t", "0"] if engine.is_podman else []), name, timeout=60, check=False

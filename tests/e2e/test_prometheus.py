@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,7 +18,6 @@ import torch
 
 from normserve.client import Client, InvalidArgumentError
 from normserve.server import Server, Settings, start_server
-from normserve.server._metrics import LATENCY_BUCKETS
 
 DASHBOARD = (
     Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "normserve.json"
@@ -32,10 +30,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Prometheus logs the address it bound (``msg="Listening on" address=127.0.0.1:PORT``); asked
+# for port 0 it picks a free one, so no port is chosen here and then raced for.
+LISTENING = re.compile(r'msg="Listening on" address=(\S+)')
+
+
+def _bound_address(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING.search(log.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+        assert proc.poll() is None, f"prometheus exited {proc.returncode}:\n{log.read_text()}"
+        time.sleep(0.1)
+    raise AssertionError(f"prometheus never said where it listens:\n{log.read_text()}")
 
 
 class Prometheus:
@@ -73,21 +81,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pr
         "scrape_configs:\n  - job_name: normserve\n"
         f"    static_configs:\n      - targets: ['{srv.metrics_address}']\n"
     )
-    port = _free_port()
+    log = tmp / "prometheus.log"
     assert PROMETHEUS is not None
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    prom = Prometheus(f"http://127.0.0.1:{port}")
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                "--web.listen-address=127.0.0.1:0",
+                "--log.level=info",  # the "Listening on" line is at info
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     try:
+        prom = Prometheus(f"http://{_bound_address(proc, log)}")
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -125,7 +134,9 @@ def traffic(stack: tuple[Server, Prometheus]) -> list[float]:
             client.normalize(sid, torch.randn(4, 3))
     count = len(latencies)
     prom.wait_for(f'sum(normserve_requests_total{{method="Normalize",code="OK"}}) >= {count + 1}')
-    time.sleep(1.5)  # one more scrape so rate() windows see the final counts
+    # one more scrape after the final counts, so rate() windows end on them
+    scrapes = prom.wait_for('count_over_time(up{job="normserve"}[10m])')
+    prom.wait_for(f'count_over_time(up{{job="normserve"}}[10m]) >= {scrapes + 1}')
     return latencies
 
 
@@ -146,9 +157,19 @@ def test_prometheus_p99_matches_the_client(
     )
     # The server's time is part of the client's: its p99 cannot exceed the client's, beyond the
     # resolution of the bucket the client's p99 falls in (histogram_quantile interpolates).
-    bound = next(b for b in LATENCY_BUCKETS if b >= client_p99)
+    buckets = _bucket_bounds(prom)
+    assert buckets[0] == 50e-6 and buckets[-1] == 10.0  # the README's "50 us to 10 s"
+    bound = next(b for b in buckets if b >= client_p99)
     assert 0 < server_p99 <= bound
-    assert server_p99 >= min(LATENCY_BUCKETS)
+    assert server_p99 >= buckets[0]
+
+
+def _bucket_bounds(prom: Prometheus) -> list[float]:
+    """The latency histogram's finite bucket bounds, as Prometheus scraped them."""
+    series = prom.query(
+        'normserve_rpc_duration_seconds_bucket{method="Normalize",mode="train",code="OK"}'
+    )["result"]
+    return sorted(float(s["metric"]["le"]) for s in series if s["metric"]["le"] != "+Inf")
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from normserve.client import Client, InvalidArgumentError
 from normserve.server import Server, Settings, start_server
+from normserve.v1 import normserve_pb2 as pb
+from normserve.v1 import normserve_pb2_grpc as pb_grpc
+
+from ._util import tensor
 
 
 @pytest.fixture
@@ -30,6 +37,23 @@ def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def _until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Polls until ``condition`` holds or ``timeout`` passes; returns whether it held. A call is
+    recorded as it ends on the server, which may be just after the client has its answer."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _settled(registry: CollectorRegistry, name: str, want: float, **labels: str) -> float:
+    """The sample's value once it equals ``want``, or its value after 5 s of waiting."""
+    _until(lambda: _value(registry, name, **labels) == want)
+    return _value(registry, name, **labels)
+
+
 def test_calls_are_counted_timed_and_staged(observed: tuple[Server, CollectorRegistry]) -> None:
     srv, reg = observed
     with Client(srv.address) as client:
@@ -40,31 +64,35 @@ def test_calls_are_counted_timed_and_staged(observed: tuple[Server, CollectorReg
         with pytest.raises(InvalidArgumentError):
             client.normalize(sid, torch.randn(8, 5))
         list(client.normalize_stream(sid, [torch.randn(6, 4), torch.randn(6, 4)]))
-    assert _value(reg, "normserve_requests_total", method="Normalize", code="OK") == 4
-    assert _value(reg, "normserve_requests_total", method="Normalize", code="INVALID_ARGUMENT") == 1
-    assert _value(reg, "normserve_requests_total", method="CreateSession", code="OK") == 1
+    requests = "normserve_requests_total"
+    assert _settled(reg, requests, 4, method="Normalize", code="OK") == 4
+    assert _settled(reg, requests, 1, method="Normalize", code="INVALID_ARGUMENT") == 1
+    assert _settled(reg, requests, 1, method="NormalizeStream", code="OK") == 1
+    assert _settled(reg, requests, 1, method="CreateSession", code="OK") == 1
     train = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
-    assert _value(reg, "normserve_rpc_duration_seconds_count", **train) == 3
-    assert _value(reg, "normserve_rpc_duration_seconds_count", **{**train, "mode": "eval"}) == 1
-    bad = {**train, "code": "INVALID_ARGUMENT"}
-    assert _value(reg, "normserve_rpc_duration_seconds_count", **bad) == 1
+    duration = "normserve_rpc_duration_seconds_count"
+    assert _settled(reg, duration, 3, **train) == 3
+    assert _settled(reg, duration, 1, **{**train, "mode": "eval"}) == 1
+    assert _settled(reg, duration, 1, **{**train, "code": "INVALID_ARGUMENT"}) == 1
+    stages = "normserve_stage_duration_seconds_count"
     for stage in ("decode", "wait", "compute", "encode"):
-        n = _value(reg, "normserve_stage_duration_seconds_count", method="Normalize", stage=stage)
-        assert n == 4, stage
-        n = _value(
-            reg, "normserve_stage_duration_seconds_count", method="NormalizeStream", stage=stage
-        )
-        assert n == 2, stage
+        assert _settled(reg, stages, 4, method="Normalize", stage=stage) == 4, stage
+        assert _settled(reg, stages, 2, method="NormalizeStream", stage=stage) == 2, stage
+    elements = 3 * 32 + 2 * 24
     assert (
-        _value(reg, "normserve_normalized_elements_total", kind="batch_norm", mode="train")
-        == 3 * 32 + 2 * 24
+        _settled(
+            reg, "normserve_normalized_elements_total", elements, kind="batch_norm", mode="train"
+        )
+        == elements
     )
-    assert _value(reg, "normserve_applied_batches_total", kind="batch_norm") == 5
-    assert _value(reg, "normserve_received_bytes_total", method="Normalize") > 5 * 128
-    assert _value(reg, "normserve_sent_bytes_total", method="Normalize") > 4 * 128
-    assert _value(reg, "normserve_sessions") == 1
-    assert _value(reg, "normserve_inflight_calls", method="Normalize") == 0
-    assert _value(reg, "normserve_open_streams") == 0
+    assert _settled(reg, "normserve_applied_batches_total", 5, kind="batch_norm") == 5
+    assert _until(
+        lambda: _value(reg, "normserve_received_bytes_total", method="Normalize") > 5 * 128
+    )
+    assert _until(lambda: _value(reg, "normserve_sent_bytes_total", method="Normalize") > 4 * 128)
+    assert _settled(reg, "normserve_sessions", 1) == 1
+    assert _settled(reg, "normserve_inflight_calls", 0, method="Normalize") == 0
+    assert _settled(reg, "normserve_open_streams", 0) == 0
     assert _value(reg, "process_resident_memory_bytes") > 0
     build = [s for m in reg.collect() if m.name == "normserve_build" for s in m.samples]
     assert build and build[0].labels["version"] and build[0].value == 1
@@ -75,14 +103,12 @@ def test_stage_times_add_up_to_the_total(observed: tuple[Server, CollectorRegist
     with Client(srv.address, chunk_bytes=8 << 20) as client:
         sid = client.create_session(64).session_id
         client.normalize(sid, torch.randn(64, 64, 16, 16))  # 4 MiB unary: stages dominate
-    total = _value(
-        reg,
-        "normserve_rpc_duration_seconds_sum",
-        method="Normalize",
-        kind="batch_norm",
-        mode="train",
-        code="OK",
-    )
+    labels = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
+    assert _settled(reg, "normserve_rpc_duration_seconds_count", 1, **labels) == 1
+    for s in ("decode", "wait", "compute", "encode"):
+        count = "normserve_stage_duration_seconds_count"
+        assert _settled(reg, count, 1, method="Normalize", stage=s) == 1, s
+    total = _value(reg, "normserve_rpc_duration_seconds_sum", **labels)
     stages = sum(
         _value(reg, "normserve_stage_duration_seconds_sum", method="Normalize", stage=s)
         for s in ("decode", "wait", "compute", "encode")
@@ -91,10 +117,12 @@ def test_stage_times_add_up_to_the_total(observed: tuple[Server, CollectorRegist
 
 
 def test_metrics_page_is_served_and_lints(observed: tuple[Server, CollectorRegistry]) -> None:
-    srv, _ = observed
+    srv, reg = observed
     with Client(srv.address) as client:
         sid = client.create_session(2).session_id
         client.normalize(sid, torch.randn(4, 2))
+    train = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
+    assert _settled(reg, "normserve_rpc_duration_seconds_count", 1, **train) == 1
     page = urllib.request.urlopen(f"http://{srv.metrics_address}/metrics", timeout=10).read()
     text = page.decode()
     assert "# TYPE normserve_rpc_duration_seconds histogram" in text
@@ -121,35 +149,37 @@ def test_metrics_can_be_turned_off() -> None:
 
 
 def test_a_cancelled_stream_counts_as_cancelled(observed: tuple[Server, CollectorRegistry]) -> None:
-    import threading
-    import time
-
-    import grpc
-
-    from normserve.v1 import normserve_pb2 as pb
-    from normserve.v1 import normserve_pb2_grpc as pb_grpc
-
-    from ._util import tensor
-
+    """A client that gives up in the middle of a batch: CANCELLED, never INVALID_ARGUMENT for the
+    batch it left unfinished (its requests may end before its cancellation arrives). A client
+    that cancels after its last answer may be counted OK: grpc.aio can finish such a handler
+    before it learns of the cancellation, and nothing of the stream was lost."""
     srv, reg = observed
     with Client(srv.address) as client:
         sid = client.create_session(2).session_id
-    hold = threading.Event()
+        version = client.get_session(sid).version
+    for _ in range(5):
+        hold = threading.Event()
 
-    def requests():
-        yield pb.NormalizeStreamRequest(
-            session_id=sid, mode=pb.MODE_TRAIN, chunk=tensor(torch.randn(4, 2)), end_of_batch=True
-        )
-        hold.wait(10)
+        def requests(hold: threading.Event = hold) -> Iterator[pb.NormalizeStreamRequest]:
+            yield pb.NormalizeStreamRequest(
+                session_id=sid, mode=pb.MODE_TRAIN, chunk=tensor(torch.randn(4, 2))
+            )
+            hold.wait(10)
 
-    with grpc.insecure_channel(srv.address) as channel:
-        call = pb_grpc.NormalizerStub(channel).NormalizeStream(requests())
-        next(call)  # the first batch is answered; the client then gives up
-        call.cancel()
-        hold.set()
-    deadline = time.monotonic() + 10
-    labels = {"method": "NormalizeStream", "code": "CANCELLED"}
-    while _value(reg, "normserve_requests_total", **labels) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _value(reg, "normserve_requests_total", **labels) == 1
-    assert _value(reg, "normserve_requests_total", method="NormalizeStream", code="UNKNOWN") == 0
+        received = _value(reg, "normserve_received_bytes_total", method="NormalizeStream")
+        with grpc.insecure_channel(srv.address) as channel:
+            call = pb_grpc.NormalizerStub(channel).NormalizeStream(requests())
+            _until(
+                lambda r=received: (
+                    _value(reg, "normserve_received_bytes_total", method="NormalizeStream") > r
+                )
+            )
+            call.cancel()  # half a batch in: the client gives up
+            hold.set()
+    cancelled = {"method": "NormalizeStream", "code": "CANCELLED"}
+    assert _settled(reg, "normserve_requests_total", 5, **cancelled) == 5
+    assert _settled(reg, "normserve_open_streams", 0) == 0
+    for code in ("UNKNOWN", "INVALID_ARGUMENT", "OK"):
+        assert _value(reg, "normserve_requests_total", method="NormalizeStream", code=code) == 0
+    with Client(srv.address) as client:
+        assert client.get_session(sid).version == version  # nothing of the halves was applied
