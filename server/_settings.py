@@ -38,7 +38,10 @@ class Settings:
         "senders) hold none",
     )
     max_concurrent_rpcs: int = _opt(
-        256, "calls in flight before new ones get RESOURCE_EXHAUSTED (0: no limit)"
+        4096,
+        "calls in flight, open streams included, before new ones get RESOURCE_EXHAUSTED (0: no "
+        "limit). A call waiting for its client holds no thread, only its buffers, so the bound "
+        "is on memory, not on workers",
     )
     max_message_bytes: int = _opt(
         16 * 1024 * 1024,
