@@ -59,15 +59,13 @@ def test_client_request_id_is_used(server: Server, caplog: pytest.LogCaptureFixt
         from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
         stub = pb_grpc.NormalizerStub(channel)
-        with (
-            caplog.at_level(logging.INFO, logger="normserve"),
-            pytest.raises(grpc.RpcError) as info,
-        ):
-            stub.GetSession(
-                pb.GetSessionRequest(session_id="nope"), metadata=(("x-request-id", "req-42"),)
-            )
+        with caplog.at_level(logging.INFO, logger="normserve"):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetSession(
+                    pb.GetSessionRequest(session_id="nope"), metadata=(("x-request-id", "req-42"),)
+                )
+            (record,) = _logged(caplog, "NOT_FOUND")
     assert ("x-request-id", "req-42") in tuple(info.value.trailing_metadata())
-    (record,) = _logged(caplog, "NOT_FOUND")
     assert record.request_id == "req-42"
     assert "GetSession NOT_FOUND" in record.getMessage()
 
@@ -85,11 +83,12 @@ def test_json_log_lines() -> None:
 def test_client_metadata_reaches_the_server(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with (
-        Client(server.address, metadata=[("x-tenant", "blue")]) as client,
-        caplog.at_level(logging.INFO, logger="normserve"),
-        pytest.raises(NormserveError),
-    ):
-        client.get_session("nope", metadata=[("x-request-id", "from-client")])
-    (record,) = _logged(caplog, "NOT_FOUND")
+    # the records are awaited inside at_level: a record logged after it has ended is dropped
+    with caplog.at_level(logging.INFO, logger="normserve"):
+        with (
+            Client(server.address, metadata=[("x-tenant", "blue")]) as client,
+            pytest.raises(NormserveError),
+        ):
+            client.get_session("nope", metadata=[("x-request-id", "from-client")])
+        (record,) = _logged(caplog, "NOT_FOUND")
     assert record.request_id == "from-client"
