@@ -9,10 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["Settings"]
+from normserve.server.service import ANSWER_OVERHEAD_BYTES, max_features_for
 
-#: Bytes of an answer that are not tensor data (the service's ANSWER_OVERHEAD_BYTES).
-ANSWER_ROOM = 4096
+__all__ = ["Settings"]
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -146,23 +145,20 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0")
-        if self.max_message_bytes < 2 * ANSWER_ROOM:
-            raise ValueError(f"--max-message-bytes: must be >= {2 * ANSWER_ROOM}")
-        if self.max_features > self.derived_max_features():
+        if self.max_message_bytes < 2 * ANSWER_OVERHEAD_BYTES:
+            raise ValueError(f"--max-message-bytes: must be >= {2 * ANSWER_OVERHEAD_BYTES}")
+        if self.max_features > max_features_for(self.max_message_bytes):
             raise ValueError(
-                f"--max-features: at most {self.derived_max_features()} with "
+                f"--max-features: at most {max_features_for(self.max_message_bytes)} with "
                 f"--max-message-bytes {self.max_message_bytes} (a session of more could not be "
                 "read or exported in one message)"
             )
         if self.log_format not in ("plain", "json"):
             raise ValueError(f"--log-format: expected plain or json, got {self.log_format!r}")
 
-    def derived_max_features(self) -> int:
-        """The most features whose session (four float32 [C] tensors) fits one message."""
-        return max(1, (self.max_message_bytes - ANSWER_ROOM) // 16)
-
     def session_max_features(self) -> int:
-        return self.max_features or self.derived_max_features()
+        """--max-features, or the most whose session fits one message."""
+        return self.max_features or max_features_for(self.max_message_bytes)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

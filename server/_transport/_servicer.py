@@ -3,6 +3,7 @@ back. Errors are raised as service errors; the error interceptor turns them into
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -11,7 +12,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from normserve.server._transport import _converters as conv
-from normserve.server.service import InvalidArgument, NormalizerService
+from normserve.server.service import IncompleteStream, InvalidArgument, NormalizerService
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
@@ -80,10 +81,17 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
     async def NormalizeStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
-        async for answer in self.service.stream(
-            conv.stream_chunks(request_iterator), conv.stream_answer
-        ):
-            yield answer
+        try:
+            async for answer in self.service.stream(
+                conv.stream_chunks(request_iterator), conv.stream_answer
+            ):
+                yield answer
+        except IncompleteStream:
+            # grpc.aio can end a cancelled call's requests before it reports the cancellation:
+            # wait a moment, so that a client that gave up is counted CANCELLED, not as a
+            # malformed stream (this is an error path anyway)
+            await asyncio.sleep(0.1)
+            raise
 
 
 RAW_METHODS = frozenset({"Normalize", "NormalizeStream"})

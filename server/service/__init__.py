@@ -11,23 +11,25 @@ from __future__ import annotations
 
 from normserve.server.service._chunked import ChunkedBatch
 from normserve.server.service._config import (
+    ANSWER_OVERHEAD_BYTES,
     DEFAULT_MAX_FEATURES,
     Kind,
     Mode,
     SessionConfig,
+    max_features_for,
     resolve_device,
 )
 from normserve.server.service._errors import (
     AlreadyExists,
     FailedPrecondition,
     IdleTimeout,
+    IncompleteStream,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServiceError,
 )
 from normserve.server.service._facade import (
-    ANSWER_OVERHEAD_BYTES,
     Chunk,
     NormalizeCall,
     NormalizerService,
@@ -49,6 +51,7 @@ __all__ = [
     "Conflict",
     "FailedPrecondition",
     "IdleTimeout",
+    "IncompleteStream",
     "InvalidArgument",
     "Kind",
     "MemoryStore",
@@ -66,5 +69,6 @@ __all__ = [
     "StageObserver",
     "StateStore",
     "StreamEncoder",
+    "max_features_for",
     "resolve_device",
 ]

@@ -35,16 +35,6 @@ class ChunkedBatch:
         self._state = session.state
         self._batch_stats = session.kind.uses_batch_statistics(mode)
 
-    @property
-    def pipelined(self) -> bool:
-        """Whether each chunk is answered as it arrives (no statistics of its own to wait for)."""
-        return not self._batch_stats
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of input chunks held until the batch ends."""
-        return sum(c.numel() * c.element_size() for c in self._chunks)
-
     def add(self, x: torch.Tensor, field: str = "chunk") -> torch.Tensor | None:
         """Validates one chunk against the first and folds its statistics in. A pipelined batch
         returns the chunk's output at once (so it can be sent while later chunks arrive) and keeps
@@ -114,13 +104,13 @@ class ChunkedBatch:
 
             step, version, waited = s.update(compute, "chunk", empty)
             self._prepared = prepared[-1]
-            result = s._result(step, version, True, waited, t0)
+            result = s.result(step, version, True, waited, t0)
         else:
             step, self._prepared = kind.finish(
                 self._partial, shape, self._state, mode, self._state.num_batches_tracked
             )
-            s._check_step(step, "chunk", empty)
-            result = s._result(step, self._state.version, True, 0.0, t0)
+            s.check_step(step, "chunk", empty)
+            result = s.result(step, self._state.version, True, 0.0, t0)
         self._t_compute += result.compute_seconds
         n = len(self._chunks) if self._batch_stats and not self.statistics_only else 0
         return replace(result, compute_seconds=self._t_compute), n

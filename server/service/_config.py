@@ -11,17 +11,29 @@ import torch
 from normserve.server.service._errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
+    "ANSWER_OVERHEAD_BYTES",
     "DEFAULT_MAX_FEATURES",
     "MAX_EPS",
     "MIN_EPS",
     "Kind",
     "Mode",
     "SessionConfig",
+    "max_features_for",
     "resolve_device",
 ]
 
 #: num_features bound when the server does not derive one from its message limit.
 DEFAULT_MAX_FEATURES = 1 << 20
+#: Room for everything but tensor data in an answer (statistics headers, scalars, framing).
+ANSWER_OVERHEAD_BYTES = 4096
+
+
+def max_features_for(message_bytes: int) -> int:
+    """The most features whose session still fits one message: a session, an export, and the
+    answer to a [2, C] TRAIN call each carry four float32 [C] tensors (16 bytes a feature)."""
+    return max(1, (message_bytes - ANSWER_OVERHEAD_BYTES) // 16)
+
+
 #: eps is added to float32 variances: below float32's smallest normal it vanishes (x / 0 on a
 #: constant channel), and past 1e6 it swamps any activation's variance (beyond it, float32 squares
 #: of 1/sqrt(var + eps) underflow and the variance cannot be recovered).

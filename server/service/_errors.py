@@ -4,6 +4,7 @@ ServiceError
  +-- NotFound            a session id that does not exist
  +-- AlreadyExists       a client-chosen session id that is taken
  +-- InvalidArgument     a request that can never succeed as sent (names the field)
+ |    +-- IncompleteStream   a stream that ended in the middle of a batch
  +-- FailedPrecondition  valid, but not in this server's state (e.g. CUDA asked, none here)
  +-- ResourceExhausted   a server limit (session count, message size) is reached
  +-- IdleTimeout         a stream sent nothing for the server's idle timeout
@@ -15,6 +16,7 @@ __all__ = [
     "AlreadyExists",
     "FailedPrecondition",
     "IdleTimeout",
+    "IncompleteStream",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
@@ -40,6 +42,11 @@ class InvalidArgument(ServiceError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class IncompleteStream(InvalidArgument):
+    """The requests ended before the batch's last chunk (a transport may see a client's
+    cancellation this way first)."""
 
 
 class FailedPrecondition(ServiceError):

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from normserve.server.service._config import Mode, SessionConfig
+from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
 from normserve.server.service._errors import ResourceExhausted
 from normserve.server.service._manager import SessionManager
 from normserve.server.service._session import Busy, NormalizeResult, Session
@@ -34,7 +34,6 @@ from normserve.server.service._state import SessionState
 from normserve.server.service._stream import Chunk, StreamEncoder, serve_stream
 
 __all__ = [
-    "ANSWER_OVERHEAD_BYTES",
     "Chunk",
     "NormalizeCall",
     "NormalizerService",
@@ -43,9 +42,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-#: Room for everything but the output tensor in an answer (statistics headers, scalars, framing).
-ANSWER_OVERHEAD_BYTES = 4096
 
 #: Calls whose input is at most this many bytes and that change nothing run on the event loop.
 INLINE_BYTES = 64 * 1024

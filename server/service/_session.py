@@ -142,7 +142,7 @@ class Session:
         if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
             raise InvalidArgument(field, "contains NaN or Inf; nothing was applied")
 
-    def _check_step(self, step: Step, field: str, empty: bool) -> None:
+    def check_step(self, step: Step, field: str, empty: bool) -> None:
         """Everything returned or kept must be finite as float32: a finite float64 batch can have
         statistics beyond float32's range (values of 1e20: variance 1e40)."""
         if self.config.allow_non_finite:
@@ -188,7 +188,7 @@ class Session:
             s = self.state
             n = self._next_count(s)
             step = compute(s, n)
-            self._check_step(step, field, empty)  # before the commit: a bad batch changes nothing
+            self.check_step(step, field, empty)  # before the commit: a bad batch changes nothing
             assert step.running is not None
             new = s.advanced(num_batches_tracked=n, **step.running)
             self._commit(new, s.version)
@@ -196,9 +196,11 @@ class Session:
         finally:
             self._lock.release()
 
-    def _result(
+    def result(
         self, step: Step, version: int, batch: bool, waited: float, t_start: float
     ) -> NormalizeResult:
+        """A step as the caller sees it: float32 statistics, the compute time since ``t_start``
+        (less the wait for the lock)."""
         if self.device.type == "cuda":
             # Kernels are asynchronous: wait so compute time is the kernels' time, not the launch's.
             torch.cuda.synchronize(self.device)
@@ -226,14 +228,14 @@ class Session:
             step, version, waited = self.update(
                 lambda s, n: kind.forward(x, s, mode, statistics_only, n), "input", empty, blocking
             )
-            return self._result(step, version, batch, waited, t0)
+            return self.result(step, version, batch, waited, t0)
         if not batch:
             self.check_finite_input(x, "input")
         state = self.state
         step = kind.forward(x, state, mode, statistics_only, state.num_batches_tracked)
         if batch:
-            self._check_step(step, "input", empty)
-        return self._result(step, state.version, batch, 0.0, t0)
+            self.check_step(step, "input", empty)
+        return self.result(step, state.version, batch, 0.0, t0)
 
     def start_batch(self, mode: Mode, statistics_only: bool = False) -> ChunkedBatch:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""

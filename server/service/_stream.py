@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 import torch
 
 from normserve.server.service._config import Mode
-from normserve.server.service._errors import IdleTimeout, InvalidArgument
+from normserve.server.service._errors import IdleTimeout, IncompleteStream, InvalidArgument
 from normserve.server.service._session import NormalizeResult
 
 if TYPE_CHECKING:
@@ -122,10 +122,7 @@ async def serve_stream(
             batch = None
             index += 1
     if batch is not None:
-        # A client that cancels may first end its requests; give its cancellation a moment to
-        # arrive, so that it is counted as what it is (this path is an error path anyway).
-        await asyncio.sleep(0.1)
-        raise InvalidArgument(
+        raise IncompleteStream(
             "end_of_batch",
             f"the stream ended in the middle of batch {index} (no chunk set end_of_batch); "
             "nothing of that batch was applied",

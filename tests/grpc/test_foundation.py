@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-
 import grpc
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from normserve import wire
 from normserve.client import Client, FailedPreconditionError, InvalidArgumentError
-from normserve.server import Server, Settings, start_server
+from normserve.server import Server, Settings
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
-from ._util import expect_status, raw_tensor, tensor, unchanged
+from ._util import expect_status, raw_tensor, serving, settled, tensor, unchanged
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FINITE = (
@@ -183,28 +179,6 @@ def test_empty_tensor_with_huge_dims_is_invalid_everywhere(
         )
 
 
-@pytest.fixture
-def observed() -> Iterator[tuple[Server, CollectorRegistry]]:
-    registry = CollectorRegistry()
-    srv = start_server(
-        Settings(address="127.0.0.1:0", metrics_address="off", device="cpu"), registry
-    )
-    yield srv, registry
-    srv.stop(0)
-
-
-def _count(registry: CollectorRegistry, method: str, code: str, want: float) -> float:
-    """The counter once it reaches ``want`` (calls are counted as they end, which may be just
-    after the client has its status), or its value after 5 s."""
-    labels = {"method": method, "code": code}
-    deadline = time.monotonic() + 5
-    while True:
-        value = registry.get_sample_value("normserve_requests_total", labels) or 0.0
-        if value >= want or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize(
     "method",
     [
@@ -217,10 +191,8 @@ def _count(registry: CollectorRegistry, method: str, code: str, want: float) -> 
         "ImportState",
     ],
 )
-def test_malformed_protobuf_is_invalid_argument_and_counted(
-    observed: tuple[Server, CollectorRegistry], method: str
-) -> None:
-    srv, registry = observed
+def test_malformed_protobuf_is_invalid_argument_and_counted(server: Server, method: str) -> None:
+    srv, registry = server, server.metrics.registry
     garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, a length past the end
     with grpc.insecure_channel(srv.address) as channel:
         call = channel.unary_unary(f"/normserve.v1.Normalizer/{method}")
@@ -230,7 +202,10 @@ def test_malformed_protobuf_is_invalid_argument_and_counted(
     assert info.value.details().startswith(
         f"request: not a valid normserve.v1.{method}Request message ("
     )
-    assert _count(registry, method, "INVALID_ARGUMENT", 1) == 1
+    assert (
+        settled(registry, "normserve_requests_total", 1, method=method, code="INVALID_ARGUMENT")
+        == 1
+    )
 
 
 # ---- 5. one session cannot break the server for everyone
@@ -346,3 +321,38 @@ def test_an_empty_train_batch_behaves_as_torch(
     out = _stream(stub, sid, [torch.empty(0, *shape[1:]), torch.empty(0, *shape[1:])])
     assert [tuple(a.chunk.shape) for a in out] == [(0, *shape[1:])] * 2
     assert client.get_session(sid).num_batches_tracked == before.num_batches_tracked + 2
+
+
+def test_a_stream_chunk_whose_answer_cannot_be_sent_changes_nothing() -> None:
+    limit = 64 * 1024
+    with serving(max_message_bytes=limit) as srv, Client(srv.address) as small:
+        sid = small.create_session(64).session_id
+        x = torch.randn(250, 64)  # 64,000 bytes: fits a request, not the answer with statistics
+        with grpc.insecure_channel(srv.address) as channel, unchanged(small, sid):
+            stub = pb_grpc.NormalizerStub(channel)
+            with expect_status(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the answer to this chunk (output [250, 64] float32, 64000 bytes) would exceed "
+                f"the server's message limit of {limit} bytes; send the batch through "
+                "NormalizeStream in smaller chunks; nothing was applied",
+            ):
+                _stream(stub, sid, [x])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            Settings(max_features=1 << 20),
+            "--max-features: at most 1048320 with --max-message-bytes 16777216 (a session of "
+            "more could not be read or exported in one message)",
+        ),
+        (Settings(max_message_bytes=4096), "--max-message-bytes: must be >= 8192"),
+    ],
+)
+def test_settings_that_would_make_unanswerable_sessions_are_refused(
+    settings: Settings, message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        settings.validate()
+    assert str(info.value) == message

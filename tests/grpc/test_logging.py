@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,8 @@ from normserve.client import Client, NormserveError
 from normserve.server import Server
 from normserve.server._logging import JsonFormatter
 from normserve.server.service import Session
+
+from ._util import until
 
 
 def test_unexpected_error_is_internal_and_not_leaked(
@@ -43,14 +44,13 @@ def test_unexpected_error_is_internal_and_not_leaked(
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
-    """The records containing ``text``, waiting (bounded) for them: the server logs a call when
-    it has ended, which may be just after the client got its status."""
-    deadline = time.monotonic() + 5
-    while True:
-        found = [r for r in caplog.records if text in r.getMessage()]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
+    """The records containing ``text``, once there are any (or after 5 s)."""
+
+    def found() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    until(lambda: bool(found()))
+    return found()
 
 
 def test_client_request_id_is_used(server: Server, caplog: pytest.LogCaptureFixture) -> None:

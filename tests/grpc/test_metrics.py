@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,7 +18,7 @@ from normserve.server import Server, Settings, start_server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
-from ._util import tensor
+from ._util import metric, settled, tensor, until
 
 
 @pytest.fixture
@@ -30,28 +29,6 @@ def observed() -> Iterator[tuple[Server, CollectorRegistry]]:
     )
     yield srv, registry
     srv.stop(0)
-
-
-def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    value = registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-def _until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Polls until ``condition`` holds or ``timeout`` passes; returns whether it held. A call is
-    recorded as it ends on the server, which may be just after the client has its answer."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _settled(registry: CollectorRegistry, name: str, want: float, **labels: str) -> float:
-    """The sample's value once it equals ``want``, or its value after 5 s of waiting."""
-    _until(lambda: _value(registry, name, **labels) == want)
-    return _value(registry, name, **labels)
 
 
 def test_calls_are_counted_timed_and_staged(observed: tuple[Server, CollectorRegistry]) -> None:
@@ -65,35 +42,35 @@ def test_calls_are_counted_timed_and_staged(observed: tuple[Server, CollectorReg
             client.normalize(sid, torch.randn(8, 5))
         list(client.normalize_stream(sid, [torch.randn(6, 4), torch.randn(6, 4)]))
     requests = "normserve_requests_total"
-    assert _settled(reg, requests, 4, method="Normalize", code="OK") == 4
-    assert _settled(reg, requests, 1, method="Normalize", code="INVALID_ARGUMENT") == 1
-    assert _settled(reg, requests, 1, method="NormalizeStream", code="OK") == 1
-    assert _settled(reg, requests, 1, method="CreateSession", code="OK") == 1
+    assert settled(reg, requests, 4, method="Normalize", code="OK") == 4
+    assert settled(reg, requests, 1, method="Normalize", code="INVALID_ARGUMENT") == 1
+    assert settled(reg, requests, 1, method="NormalizeStream", code="OK") == 1
+    assert settled(reg, requests, 1, method="CreateSession", code="OK") == 1
     train = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
     duration = "normserve_rpc_duration_seconds_count"
-    assert _settled(reg, duration, 3, **train) == 3
-    assert _settled(reg, duration, 1, **{**train, "mode": "eval"}) == 1
-    assert _settled(reg, duration, 1, **{**train, "code": "INVALID_ARGUMENT"}) == 1
+    assert settled(reg, duration, 3, **train) == 3
+    assert settled(reg, duration, 1, **{**train, "mode": "eval"}) == 1
+    assert settled(reg, duration, 1, **{**train, "code": "INVALID_ARGUMENT"}) == 1
     stages = "normserve_stage_duration_seconds_count"
     for stage in ("decode", "wait", "compute", "encode"):
-        assert _settled(reg, stages, 4, method="Normalize", stage=stage) == 4, stage
-        assert _settled(reg, stages, 2, method="NormalizeStream", stage=stage) == 2, stage
+        assert settled(reg, stages, 4, method="Normalize", stage=stage) == 4, stage
+        assert settled(reg, stages, 2, method="NormalizeStream", stage=stage) == 2, stage
     elements = 3 * 32 + 2 * 24
     assert (
-        _settled(
+        settled(
             reg, "normserve_normalized_elements_total", elements, kind="batch_norm", mode="train"
         )
         == elements
     )
-    assert _settled(reg, "normserve_applied_batches_total", 5, kind="batch_norm") == 5
-    assert _until(
-        lambda: _value(reg, "normserve_received_bytes_total", method="Normalize") > 5 * 128
+    assert settled(reg, "normserve_applied_batches_total", 5, kind="batch_norm") == 5
+    assert until(
+        lambda: metric(reg, "normserve_received_bytes_total", method="Normalize") > 5 * 128
     )
-    assert _until(lambda: _value(reg, "normserve_sent_bytes_total", method="Normalize") > 4 * 128)
-    assert _settled(reg, "normserve_sessions", 1) == 1
-    assert _settled(reg, "normserve_inflight_calls", 0, method="Normalize") == 0
-    assert _settled(reg, "normserve_open_streams", 0) == 0
-    assert _value(reg, "process_resident_memory_bytes") > 0
+    assert until(lambda: metric(reg, "normserve_sent_bytes_total", method="Normalize") > 4 * 128)
+    assert settled(reg, "normserve_sessions", 1) == 1
+    assert settled(reg, "normserve_inflight_calls", 0, method="Normalize") == 0
+    assert settled(reg, "normserve_open_streams", 0) == 0
+    assert metric(reg, "process_resident_memory_bytes") > 0
     build = [s for m in reg.collect() if m.name == "normserve_build" for s in m.samples]
     assert build and build[0].labels["version"] and build[0].value == 1
 
@@ -104,13 +81,13 @@ def test_stage_times_add_up_to_the_total(observed: tuple[Server, CollectorRegist
         sid = client.create_session(64).session_id
         client.normalize(sid, torch.randn(64, 64, 16, 16))  # 4 MiB unary: stages dominate
     labels = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
-    assert _settled(reg, "normserve_rpc_duration_seconds_count", 1, **labels) == 1
+    assert settled(reg, "normserve_rpc_duration_seconds_count", 1, **labels) == 1
     for s in ("decode", "wait", "compute", "encode"):
         count = "normserve_stage_duration_seconds_count"
-        assert _settled(reg, count, 1, method="Normalize", stage=s) == 1, s
-    total = _value(reg, "normserve_rpc_duration_seconds_sum", **labels)
+        assert settled(reg, count, 1, method="Normalize", stage=s) == 1, s
+    total = metric(reg, "normserve_rpc_duration_seconds_sum", **labels)
     stages = sum(
-        _value(reg, "normserve_stage_duration_seconds_sum", method="Normalize", stage=s)
+        metric(reg, "normserve_stage_duration_seconds_sum", method="Normalize", stage=s)
         for s in ("decode", "wait", "compute", "encode")
     )
     assert 0.5 * total <= stages <= total, (stages, total)
@@ -122,7 +99,7 @@ def test_metrics_page_is_served_and_lints(observed: tuple[Server, CollectorRegis
         sid = client.create_session(2).session_id
         client.normalize(sid, torch.randn(4, 2))
     train = {"method": "Normalize", "kind": "batch_norm", "mode": "train", "code": "OK"}
-    assert _settled(reg, "normserve_rpc_duration_seconds_count", 1, **train) == 1
+    assert settled(reg, "normserve_rpc_duration_seconds_count", 1, **train) == 1
     page = urllib.request.urlopen(f"http://{srv.metrics_address}/metrics", timeout=10).read()
     text = page.decode()
     assert "# TYPE normserve_rpc_duration_seconds histogram" in text
@@ -166,20 +143,20 @@ def test_a_cancelled_stream_counts_as_cancelled(observed: tuple[Server, Collecto
             )
             hold.wait(10)
 
-        received = _value(reg, "normserve_received_bytes_total", method="NormalizeStream")
+        received = metric(reg, "normserve_received_bytes_total", method="NormalizeStream")
         with grpc.insecure_channel(srv.address) as channel:
             call = pb_grpc.NormalizerStub(channel).NormalizeStream(requests())
-            _until(
+            until(
                 lambda r=received: (
-                    _value(reg, "normserve_received_bytes_total", method="NormalizeStream") > r
+                    metric(reg, "normserve_received_bytes_total", method="NormalizeStream") > r
                 )
             )
             call.cancel()  # half a batch in: the client gives up
             hold.set()
     cancelled = {"method": "NormalizeStream", "code": "CANCELLED"}
-    assert _settled(reg, "normserve_requests_total", 5, **cancelled) == 5
-    assert _settled(reg, "normserve_open_streams", 0) == 0
+    assert settled(reg, "normserve_requests_total", 5, **cancelled) == 5
+    assert settled(reg, "normserve_open_streams", 0) == 0
     for code in ("UNKNOWN", "INVALID_ARGUMENT", "OK"):
-        assert _value(reg, "normserve_requests_total", method="NormalizeStream", code=code) == 0
+        assert metric(reg, "normserve_requests_total", method="NormalizeStream", code=code) == 0
     with Client(srv.address) as client:
         assert client.get_session(sid).version == version  # nothing of the halves was applied

@@ -12,9 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -23,35 +21,14 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from normserve.client import Client, NotFoundError
-from normserve.server import Server, Settings, start_server
+from normserve.server import Server, Settings
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 
-from ._util import expect_status, tensor, unchanged
+from ._util import expect_status, serving, tensor, unchanged, until
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
-
-
-@contextmanager
-def serving(registry: CollectorRegistry | None = None, **settings: Any) -> Iterator[Server]:
-    srv = start_server(
-        Settings(address="127.0.0.1:0", metrics_address="off", device="cpu", **settings), registry
-    )
-    try:
-        yield srv
-    finally:
-        srv.stop(0)
-
-
-def _until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Polls ``condition`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def _create(stub: pb_grpc.NormalizerStub, session_id: str = "", c: int = 2) -> str:
@@ -123,7 +100,7 @@ def test_max_concurrent_rpcs_refuses_a_call_beyond_the_limit() -> None:
                     return False
                 return True
 
-            assert _until(admitted), "calls were still refused after the stream ended"
+            assert until(admitted), "calls were still refused after the stream ended"
 
 
 # ---- allow_non_finite
@@ -317,7 +294,7 @@ def test_eval_does_not_wait_for_a_train_batch_in_progress() -> None:
         with grpc.insecure_channel(srv.address) as channel:
             call = pb_grpc.NormalizerStub(channel).NormalizeStream(unfinished_batch(), timeout=10)
             try:
-                assert _until(lambda: received() > 0), "the first chunk never reached the server"
+                assert until(lambda: received() > 0), "the first chunk never reached the server"
                 x = torch.randn(8, 4)
                 evaluated = client.normalize(sid, x, mode="eval", timeout=3)
             finally:
