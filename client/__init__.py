@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from normserve.client._aio import AsyncClient
 from normserve.client._common import (
     DEFAULT_CHUNK_BYTES,
@@ -25,8 +27,10 @@ from normserve.client._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
 from normserve.client._sync import Client
+
+if TYPE_CHECKING:
+    from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -47,3 +51,15 @@ __all__ = [
     "SessionInfo",
     "UnavailableError",
 ]
+
+_MODULES = ("RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d")
+
+
+def __getattr__(name: str) -> Any:
+    # The torch modules load torch: only when asked for, so the clients and the operator commands
+    # start without it.
+    if name in _MODULES:
+        from normserve.client import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module 'normserve.client' has no attribute {name!r}")

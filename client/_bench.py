@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,9 +37,11 @@ from normserve.client._common import (
 from normserve.client._errors import NormserveError, from_rpc_error
 
 __all__ = [
+    "EARLY_FAILURES",
     "BadResponse",
     "Call",
     "CallFactory",
+    "EarlyFailure",
     "check_target",
     "encode_batch",
     "is_loopback",
@@ -63,6 +66,24 @@ _EARLY_S = 0.001
 
 class BadResponse(Exception):
     """The server answered OK but not with what the request asked for."""
+
+
+#: The first this-many requests of a run failing the same way stop it (``run_load``'s default).
+EARLY_FAILURES = 10
+
+
+class EarlyFailure(Exception):
+    """The run stopped early: its first requests all failed the same way, so the rest would too.
+    ``code`` and ``message`` are what the server (or the call) said."""
+
+    def __init__(self, count: int, code: str, message: str) -> None:
+        super().__init__(
+            f"bench stopped: its first {count} requests all failed with {code}: {message}"
+        )
+        self.count = count
+        self.code = code
+        self.message = message
+        self.hint = ""
 
 
 class _Recorder:
@@ -122,6 +143,7 @@ async def run_load(
     bytes_per_request: int = 0,
     progress: Callable[[str], None] | None = None,
     config: dict[str, Any] | None = None,
+    stop_after_failures: int | None = EARLY_FAILURES,
 ) -> Result:
     """Runs ``concurrency`` callers for ``warmup`` + ``duration`` seconds (or until ``requests``
     measured requests were sent) and returns what was measured after the warm-up.
@@ -131,7 +153,13 @@ async def run_load(
     latency counts from when it was due, so a stalled server's queue shows up in the latencies
     instead of silently lowering the rate (no coordinated omission). ``concurrency`` bounds the
     requests in flight. Requests still unanswered ``drain`` seconds after the end are cancelled
-    and counted as UNFINISHED errors: every run stops by itself.
+    and counted as UNFINISHED errors: every run stops by itself. An open-loop run sends nothing
+    after its end: requests that were due but never sent (the server, or this client, fell behind)
+    are counted as ``missed``, and the result holds the target and the achieved rate.
+
+    When the first ``stop_after_failures`` requests (warm-up included) all fail with the same code
+    and message, the run stops and raises ``EarlyFailure``: a wrong session, shape or target fails
+    every request alike, and a run of them measures nothing.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -149,11 +177,22 @@ async def run_load(
     issued = 0  # measured requests sent
     in_flight = 0  # measured requests not answered yet
     ticket = 0  # open loop: the next due request
+    first_measured = math.ceil(warmup * rate - 1e-9) if rate else 0  # open loop: its first ticket
+    first: list[tuple[str, str] | None] = []  # outcomes of the run's first requests
+    failed_early: EarlyFailure | None = None
+
+    def judge(outcome: tuple[str, str] | None) -> None:
+        nonlocal failed_early
+        if stop_after_failures is None or len(first) >= stop_after_failures:
+            return
+        first.append(outcome)
+        if len(first) == stop_after_failures and outcome is not None and len(set(first)) == 1:
+            failed_early = EarlyFailure(stop_after_failures, *outcome)
 
     async def caller() -> None:
         nonlocal issued, in_flight, ticket
         async with call_factory() as call:
-            while True:
+            while failed_early is None:
                 now = clock()
                 if rate is None:
                     if now >= end:
@@ -163,8 +202,13 @@ async def run_load(
                 else:
                     # Offsets from the start, not absolute times: exact tickets at the boundaries.
                     offset = ticket / rate
+                    if offset < warmup and now >= window:
+                        # a warm-up that fell behind: its overdue requests are dropped, and the
+                        # measured window starts on schedule
+                        ticket = first_measured
+                        continue
                     ticket += 1
-                    if offset >= warmup + duration:
+                    if offset >= warmup + duration or now >= end:
                         return
                     due = t0 + offset
                     if due - now > _EARLY_S:
@@ -185,6 +229,7 @@ async def run_load(
                 except Exception as err:
                     error, message = type(err).__name__, str(err)
                 done = clock()
+                judge(None if error is None else (error, message))
                 if measured:
                     in_flight -= 1
                     if error is None:
@@ -211,7 +256,7 @@ async def run_load(
         pending: set[asyncio.Future[None]] = set(tasks)
         while pending:
             left = end + drain - clock()
-            if left <= 0:
+            if left <= 0 or failed_early is not None:
                 break
             _, pending = await asyncio.wait(
                 pending, timeout=min(left, _PROGRESS_EVERY_S), return_when=asyncio.ALL_COMPLETED
@@ -226,6 +271,12 @@ async def run_load(
     for res in results:
         if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
             raise res
+    if failed_early is not None:
+        raise failed_early
+    missed = 0
+    if rate is not None and requests is None:
+        due_in_window = math.ceil((warmup + duration) * rate - 1e-9) - first_measured
+        missed = max(0, due_in_window - issued)
     finished = max(rec.last_done, min(end, clock())) if rec.histogram.get_total_count() else clock()
     return Result(
         histogram=rec.histogram,
@@ -235,6 +286,9 @@ async def run_load(
         bytes_per_request=bytes_per_request,
         series=rec.series(),
         config=dict(config or {}),
+        target_rate=rate,
+        sent=issued,
+        missed=missed,
     )
 
 
@@ -322,9 +376,28 @@ class _StreamCaller:
             index += 1
 
     def close(self) -> None:
+        """Abandons the stream (after a failure: its state is unknown)."""
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+    async def finish(self, wait: float = 5.0) -> None:
+        """Ends the stream cleanly: half-closes it and waits for the server's OK, so a finished run
+        counts as OK on the server, not CANCELLED. Cancels it only if the server does not finish
+        within ``wait`` seconds."""
+        call, self._call = self._call, None
+        if call is None:
+            return
+        try:
+            await asyncio.wait_for(self._drain(call), wait)
+        except (TimeoutError, grpc.RpcError):
+            call.cancel()
+
+    @staticmethod
+    async def _drain(call: Any) -> None:
+        await call.done_writing()
+        while await call.read() is not EOF:
+            pass
 
 
 def stream_calls(
@@ -342,8 +415,10 @@ def stream_calls(
         caller = _StreamCaller(open_stream, requests, batch_done, timeout)
         try:
             yield caller
-        finally:
+        except BaseException:
             caller.close()
+            raise
+        await caller.finish()
 
     return factory
 
@@ -370,7 +445,8 @@ def encode_batch(
     """One batch as the encoded messages normserve is sent, by the client's own encoders: one
     NormalizeRequest (unary), or NormalizeStreamRequest chunks of at most ``chunk_bytes`` along
     dim 0 (stream). Built once per run."""
-    from normserve.client._common import StreamPlan, mode_value, normalize_request
+    from normserve.client._common import mode_value
+    from normserve.client._tensors import StreamPlan, normalize_request
 
     mode_value(mode)  # names a wrong mode before anything is sent
     if rpc == "unary":

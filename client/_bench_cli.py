@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from normserve.client._bench import check_target, normserve_calls, run_load
+from normserve.client._bench import EarlyFailure, check_target, normserve_calls, run_load
 from normserve.client._bench_report import (
     Result,
     compare_table,
@@ -26,7 +26,7 @@ from normserve.client._common import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
 )
-from normserve.client._errors import NormserveError
+from normserve.client._errors import NormserveError, connect_hint
 
 __all__ = ["add_parser", "parse_shape"]
 
@@ -152,6 +152,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nnormserve: bench interrupted; nothing measured is reported", file=sys.stderr)
         return 130
+    except EarlyFailure as err:
+        code = getattr(grpc.StatusCode, err.code, None)
+        err.hint = connect_hint(code, err.message, args.target) if code else ""
+        raise
     human = sys.stderr if args.json == "-" else sys.stdout
     print(format_summary(result), file=human, flush=True)
     if args.json:

@@ -58,6 +58,25 @@ class Result:
     machine: dict[str, Any] = field(default_factory=dict)
     #: the first message seen for each error code (what the server said)
     error_messages: dict[str, str] = field(default_factory=dict)
+    #: open loop: the rate asked for (None: closed loop), the measured requests sent, and those
+    #: that fell due in the measured window but were never sent (the run fell behind)
+    target_rate: float | None = None
+    sent: int = 0
+    missed: int = 0
+
+    @property
+    def sent_rps(self) -> float:
+        """Requests sent per second of the measured window (what an open loop achieved)."""
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def rate_reached(self) -> bool:
+        """Open loop: whether the requests went out at (within 5% of) the target rate."""
+        if self.target_rate is None:
+            return True
+        return self.missed <= 0.05 * (self.sent + self.missed) and self.sent_rps >= (
+            0.95 * self.target_rate
+        )
 
     @property
     def count(self) -> int:
@@ -103,6 +122,11 @@ class Result:
             "throughput_mbps": round(self.throughput_mbps, 3),
             "bytes_per_request": self.bytes_per_request,
             "latency_us": self.latency_us(),
+            "target_rate_rps": self.target_rate,
+            "sent": self.sent,
+            "sent_rps": round(self.sent_rps, 3),
+            "missed": self.missed,
+            "rate_reached": self.rate_reached,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +156,9 @@ class Result:
             series=list(d.get("series", [])),
             config=dict(d.get("config", {})),
             machine=dict(d.get("machine", {})),
+            target_rate=s.get("target_rate_rps"),
+            sent=int(s.get("sent", 0)),
+            missed=int(s.get("missed", 0)),
         )
 
     def write_json(self, path: str) -> None:
@@ -261,6 +288,18 @@ def format_summary(r: Result) -> str:
     for code, n in sorted(r.errors.items()):
         said = r.error_messages.get(code)
         lines.append(f"errors  {code} {n}" + (f" (first: {said})" if said else ""))
+    if r.target_rate is not None:
+        lines.append(
+            f"target  {r.target_rate:,.1f} req/s; sent {r.sent_rps:,.1f} req/s"
+            + (f", {r.missed} due requests never sent" if r.missed else "")
+        )
+        if not r.rate_reached:
+            lines.append(
+                f"WARNING the target rate was not reached ({r.sent_rps / r.target_rate:.0%} of it): "
+                "the server, or this client, could not keep up with "
+                f"{r.config.get('concurrency', '?')} requests in flight; latencies count from when "
+                "each request was due, so they include the queueing"
+            )
     return "\n".join(lines)
 
 

@@ -1,9 +1,16 @@
 """The ``normserve`` command: ``session ...``, ``health`` and ``bench`` operate a server; ``serve``
-hands over to the server's own command. Nothing here imports ``normserve.server``."""
+hands over to the server's own command. Nothing here imports ``normserve.server``, and the operator
+commands import no torch (only ``session export -o``, ``session import`` and ``bench``, which handle
+torch files or tensors, load it).
+
+With ``--json``, every command prints exactly one JSON document on stdout, failures included
+(``{"error": {"code": ..., "message": ..., "hint": ...}}``), and exits non-zero on failure: 1 when
+the command failed, 2 when its arguments were wrong."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -11,9 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from normserve import __version__
-from normserve.client._common import DEFAULT_TARGET, SessionInfo
+from normserve.client._common import DEFAULT_TARGET, SessionInfo, tensor_values
 from normserve.client._errors import NormserveError
 from normserve.client._sync import Client
+from normserve.v1 import normserve_pb2 as pb
 
 __all__ = ["main"]
 
@@ -34,10 +42,16 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, timeout=args.timeout)
 
 
+def _emit(document: Any) -> None:
+    """The one JSON document of a ``--json`` command."""
+    print(json.dumps(document, indent=2))
+
+
 def _print_session(info: SessionInfo, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(info.to_dict(), indent=2))
+        _emit(info.to_dict())
         return
+    values = info.to_dict()
     momentum = "cumulative" if info.momentum is None else f"{info.momentum:g}"
     print(f"session      {info.session_id}")
     print(f"features     {info.num_features}")
@@ -51,10 +65,10 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
     print(f"created      {info.create_time.isoformat(timespec='seconds')}")
     print(f"updated      {info.update_time.isoformat(timespec='seconds')}")
     for name in ("running_mean", "running_var", "weight", "bias"):
-        value = getattr(info, name)
+        value = values[name]
         if value is not None:
-            shown = ", ".join(f"{v:.6g}" for v in value[:8].tolist())
-            more = f", ... ({value.numel()} values)" if value.numel() > 8 else ""
+            shown = ", ".join(f"{v:.6g}" for v in value[:8])
+            more = f", ... ({len(value)} values)" if len(value) > 8 else ""
             print(f"{name:<12} [{shown}{more}]")
 
 
@@ -81,7 +95,7 @@ def _list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         sessions = client.list_sessions()
     if args.json:
-        print(json.dumps([s.to_dict() for s in sessions], indent=2))
+        _emit([s.to_dict() for s in sessions])
         return 0
     print(f"{'SESSION':<34} {'FEATURES':>8} {'DEVICE':<8} {'VERSION':>8} {'BATCHES':>8}")
     for s in sessions:
@@ -101,7 +115,10 @@ def _show(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.delete_session(args.session_id)
-    print(f"deleted {args.session_id}")
+    if args.json:
+        _emit({"deleted": args.session_id})
+    else:
+        print(f"deleted {args.session_id}")
     return 0
 
 
@@ -112,15 +129,21 @@ def _reset(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if not args.output:  # JSON of the values: no torch needed
+        with _client(args) as client:
+            req = pb.ExportStateRequest(session_id=args.session_id)
+            msg = client._call(client._stub.ExportState, req, client.timeout)
+        _emit({e.name: tensor_values(e.tensor) for e in msg.entries})
+        return 0
     import torch
 
     with _client(args) as client:
         state = client.export_state(args.session_id)
-    if args.output:
-        torch.save(state, args.output)
-        print(f"wrote {', '.join(state)} to {args.output} (torch.load + load_state_dict)")
+    torch.save(state, args.output)
+    if args.json:
+        _emit({"session_id": args.session_id, "file": args.output, "keys": list(state)})
     else:
-        print(json.dumps({k: v.tolist() for k, v in state.items()}, indent=2))
+        print(f"wrote {', '.join(state)} to {args.output} (torch.load + load_state_dict)")
     return 0
 
 
@@ -136,19 +159,25 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.file}: expected a state_dict (a mapping of names to tensors)")
     with _client(args) as client:
         info = client.import_state(args.session_id, state, strict=not args.no_strict)
-    print(f"imported {', '.join(state)} into {info.session_id} (version {info.version})")
+    if args.json:
+        _emit({"imported": list(state), "session": info.to_dict()})
+    else:
+        print(f"imported {', '.join(state)} into {info.session_id} (version {info.version})")
     return 0
 
 
 def _health(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.health(args.service)
-    print(status)
+    if args.json:
+        _emit({"target": args.target, "service": args.service, "status": status})
+    else:
+        print(status)
     return 0 if status == "SERVING" else 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="normserve", description="Normalization as a service.")
+    p = _Parser(prog="normserve", description="Normalization as a service.")
     p.add_argument("--version", action="version", version=f"normserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -159,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a server until SIGTERM/SIGINT (normserve serve --help: its flags)",
     )
 
-    remote = argparse.ArgumentParser(add_help=False)
+    remote = _Parser(add_help=False)
     remote.add_argument(
         "--target",
         default=os.environ.get("NORMSERVE_TARGET", DEFAULT_TARGET),
@@ -220,6 +249,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors become one JSON document when the command line asks for JSON."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            _emit({"error": {"code": "USAGE", "message": f"{self.prog}: {message}", "hint": ""}})
+            sys.exit(2)
+        super().error(message)
+
+
+def _fail(err: BaseException, as_json: bool) -> int:
+    """Reports a failed command: one line (and a hint line) on stderr, or one JSON document."""
+    code = getattr(err, "code", None)
+    code = getattr(code, "name", code)  # a grpc.StatusCode, or already a name
+    message, hint = str(err), getattr(err, "hint", "")
+    if isinstance(err, NormserveError):
+        message = err.message
+    if as_json:
+        _emit({"error": {"code": code, "message": message, "hint": hint}})
+    else:
+        print(f"normserve: {code + ': ' if code else ''}{message}", file=sys.stderr)
+        if hint:
+            print(f"normserve: hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    # `bench --json FILE` writes its result to FILE; only `--json -` puts a document on stdout
+    if "bench" in argv[:1]:
+        return any(a == "--json=-" for a in argv) or any(
+            a == "--json" and b == "-" for a, b in itertools.pairwise(argv)
+        )
+    return "--json" in argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; ``serve`` does not return (the process becomes the server)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -229,15 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             print(f"normserve: cannot run the server ({sys.executable}): {err}", file=sys.stderr)
             return 1
+    as_json = _wants_json(argv)
+    _Parser.json_errors = as_json
     args: Any = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except NormserveError as err:
-        print(f"normserve: {err.code.name}: {err.message}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # e.g. `normserve session list | head`
         sys.stderr.close()
         return 0
-    except (OSError, ValueError, TypeError) as err:
-        print(f"normserve: {err}", file=sys.stderr)
-        return 1
+    except (NormserveError, OSError, ValueError, TypeError) as err:
+        return _fail(err, as_json)
+    except Exception as err:
+        from normserve.client._bench import EarlyFailure
+
+        if not isinstance(err, EarlyFailure):
+            raise
+        return _fail(err, as_json)

@@ -9,7 +9,9 @@
      +-- DeadlineExceededError   DEADLINE_EXCEEDED: the per-call timeout passed
      +-- UnavailableError        UNAVAILABLE: the server cannot be reached (or is shutting down)
 
-A raw ``grpc.RpcError`` never escapes the client.
+A raw ``grpc.RpcError`` never escapes the client. Where the cause is recognisable (nothing listens
+at the target, the target speaks HTTP/1 rather than gRPC, its host does not resolve), ``.hint`` says
+what to check, and ``str(err)`` ends with it.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ __all__ = [
     "NotFoundError",
     "ResourceExhaustedError",
     "UnavailableError",
+    "connect_hint",
     "from_rpc_error",
 ]
 
 
 class NormserveError(Exception):
-    """A call failed; ``code`` is the gRPC status code and ``message`` the server's explanation."""
+    """A call failed; ``code`` is the gRPC status code, ``message`` the server's (or gRPC's)
+    explanation, and ``hint`` what to check when the cause is recognisable ("" otherwise)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
+    def __init__(self, code: grpc.StatusCode, message: str, hint: str = "") -> None:
+        super().__init__(f"{code.name}: {message}" + (f" ({hint})" if hint else ""))
         self.code = code
         self.message = message
+        self.hint = hint
 
 
 class NotFoundError(NormserveError):
@@ -77,9 +82,50 @@ _BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
 }
 
 
-def from_rpc_error(err: grpc.RpcError) -> NormserveError:
-    """The project's error for a ``grpc.RpcError`` (sync or aio)."""
+# What gRPC's connection errors say (its wording, matched loosely), and what to check.
+_CONNECT_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("connection refused",),
+        "is the server running at {target}? Start one with: normserve serve --address {target}",
+    ),
+    (
+        ("failed parsing http/2", "expected settings frame", "http/1", "http1"),
+        "{target} answered, but not in gRPC: is it normserve's metrics port (HTTP; gRPC is on "
+        "50051 by default) or another service?",
+    ),
+    (
+        (
+            "dns resolution failed",
+            "errors resolving",
+            "name not found",
+            "name or service not known",
+        ),
+        "the host of {target} does not resolve: check --target (or NORMSERVE_TARGET)",
+    ),
+    (
+        ("ssl", "tls", "handshake"),
+        "the TLS handshake with {target} failed: check that client and server agree on TLS",
+    ),
+)
+
+
+def connect_hint(code: grpc.StatusCode, details: str, target: str | None) -> str:
+    """What to check for a connection failure to ``target``; "" when the cause is not one of the
+    recognisable ones."""
+    if code is not grpc.StatusCode.UNAVAILABLE or not target:
+        return ""
+    lowered = details.lower()
+    for needles, hint in _CONNECT_HINTS:
+        if any(n in lowered for n in needles):
+            return hint.format(target=target)
+    return ""
+
+
+def from_rpc_error(err: grpc.RpcError, target: str | None = None) -> NormserveError:
+    """The project's error for a ``grpc.RpcError`` (sync or aio); ``target``, when given, lets a
+    connection failure carry a hint."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     code = code or grpc.StatusCode.UNKNOWN
-    return _BY_CODE.get(code, NormserveError)(code, details or "")
+    details = details or ""
+    return _BY_CODE.get(code, NormserveError)(code, details, connect_hint(code, details, target))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2
 
 from normserve.client import _common as c
 from normserve.client._errors import from_rpc_error
 from normserve.v1 import normserve_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from normserve.client._tensors import ArrayLike
 
 __all__ = ["Client"]
 
@@ -50,7 +54,7 @@ class Client(c.ClientBase):
                 metadata=self._metadata(metadata),
             )
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise from_rpc_error(err, self.target) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -67,13 +71,34 @@ class Client(c.ClientBase):
         self,
         num_features: int,
         *,
+        session_id: str = "",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        weight: ArrayLike | None = None,
+        bias: ArrayLike | None = None,
+        device: str = "",
+        allow_non_finite: bool = False,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
-        **config: Any,
     ) -> c.SessionInfo:
-        """Creates a session. ``config``: session_id, eps, momentum (None: cumulative average),
-        affine, track_running_stats, weight, bias, device, allow_non_finite."""
-        req = c.create_request(num_features, **config)
+        """Creates a batch-norm session, like ``torch.nn.BatchNorm*d(num_features, eps, momentum,
+        affine, track_running_stats)``; ``momentum=None`` is the cumulative average. ``session_id``:
+        your id (default: the server picks one); ``weight``/``bias``: initial affine parameters;
+        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf."""
+        req = c.create_request(
+            num_features,
+            session_id=session_id,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            weight=weight,
+            bias=bias,
+            device=device,
+            allow_non_finite=allow_non_finite,
+        )
         return c.session_info(self._call(self._stub.CreateSession, req, timeout, metadata).session)
 
     def get_session(
@@ -125,19 +150,23 @@ class Client(c.ClientBase):
         metadata: c.Metadata = None,
     ) -> OrderedDict[str, torch.Tensor]:
         """The session's state_dict, loadable by ``torch.nn.BatchNorm*d.load_state_dict``."""
+        from normserve.client import _tensors as tx  # torch: loaded on first use
+
         req = pb.ExportStateRequest(session_id=session_id)
-        return c.state_dict(self._call(self._stub.ExportState, req, timeout, metadata))
+        return tx.state_dict(self._call(self._stub.ExportState, req, timeout, metadata))
 
     def import_state(
         self,
         session_id: str,
-        state: Mapping[str, c.ArrayLike],
+        state: Mapping[str, ArrayLike],
         *,
         strict: bool = True,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
     ) -> c.SessionInfo:
-        req = c.import_request(session_id, state, strict)
+        from normserve.client import _tensors as tx  # torch: loaded on first use
+
+        req = tx.import_request(session_id, state, strict)
         return c.session_info(self._call(self._stub.ImportState, req, timeout, metadata).session)
 
     # ---- normalization
@@ -145,7 +174,7 @@ class Client(c.ClientBase):
     def normalize(
         self,
         session_id: str,
-        x: c.ArrayLike,
+        x: ArrayLike,
         *,
         mode: c.ModeName = "train",
         statistics_only: bool = False,
@@ -153,8 +182,10 @@ class Client(c.ClientBase):
         metadata: c.Metadata = None,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
-        t = c.as_tensor(x)
-        if not c.fits_unary(t, self.chunk_bytes):
+        from normserve.client import _tensors as tx  # torch: loaded on first use
+
+        t = tx.as_batch(x)
+        if not tx.fits_unary(t, self.chunk_bytes):
             return next(
                 self.normalize_stream(
                     session_id,
@@ -165,15 +196,15 @@ class Client(c.ClientBase):
                     metadata=metadata,
                 )
             )
-        req = c.normalize_request(session_id, t, mode, statistics_only)
-        return c.normalize_result(
-            self._call(self._normalize, req, timeout, metadata), c._Like.of(x)
+        req = tx.normalize_request(session_id, t, mode, statistics_only)
+        return tx.normalize_result(
+            self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
 
     def normalize_stream(
         self,
         session_id: str,
-        batches: Iterable[c.ArrayLike],
+        batches: Iterable[ArrayLike],
         *,
         mode: c.ModeName = "train",
         statistics_only: bool = False,
@@ -181,7 +212,9 @@ class Client(c.ClientBase):
         metadata: c.Metadata = None,
     ) -> Iterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order."""
-        plan = c.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
+        from normserve.client import _tensors as tx  # torch: loaded on first use
+
+        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
             for msg in self._normalize_stream(
@@ -191,7 +224,11 @@ class Client(c.ClientBase):
                 if result is not None:
                     yield result
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            if plan.error is not None:
+                raise plan.error from None
+            raise from_rpc_error(err, self.target) from None
+        if plan.error is not None:
+            raise plan.error
 
     # ---- health
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Coroutine
@@ -35,6 +37,39 @@ T = TypeVar("T")
 
 log = logging.getLogger("normserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalizer"].full_name
+
+
+def check_listen_address(address: str) -> None:
+    """Raises ``OSError`` with a clear message when ``address`` is taken or not this machine's,
+    before grpc tries it (grpc's core would first log its own raw error line to stderr). Port 0
+    and names that do not resolve are left to grpc."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        return
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR: a port whose old connections linger in TIME_WAIT is not "in use"
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"--address: {address} is already in use (another normserve, or another "
+                        "program, listens there): stop it or choose another port"
+                    ) from None
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(
+                        f"--address: {host} is not an address of this machine (use 127.0.0.1 "
+                        "for this machine only, 0.0.0.0 for every interface)"
+                    ) from None
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -145,6 +180,7 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
+        check_listen_address(settings.address)
         try:
             port = self._grpc.add_insecure_port(settings.address)
         except RuntimeError:

@@ -81,8 +81,8 @@ def tensor_payload(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], memoryvi
         code = DTYPE_TO_PROTO[tensor.dtype]
     except KeyError:
         raise TypeError(
-            f"unsupported dtype {dtype_name(tensor.dtype)}; expected one of "
-            "float32, float16, bfloat16, float64, int64"
+            f"unsupported dtype {dtype_name(tensor.dtype)}; expected float32, float16, bfloat16 "
+            "or float64 (int64 only for num_batches_tracked)"
         ) from None
     t = tensor.detach()
     if t.device.type != "cpu":

@@ -19,15 +19,17 @@ import grpc
 import pytest
 import torch
 
-from normserve.client import Client
+from normserve.client import Client, NormserveError
 from normserve.client._cli import main
 from normserve.client.bench import (
     Call,
     CallFactory,
+    EarlyFailure,
     Result,
     check_target,
     compare_table,
     encode_batch,
+    format_summary,
     is_loopback,
     load_result,
     new_histogram,
@@ -37,6 +39,8 @@ from normserve.server import Server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 from normserve.wire import tensor_from_proto
+
+from ..grpc._util import metric, settled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,6 +118,37 @@ def test_errors_counted_by_status_code(server: Server, capsys: pytest.CaptureFix
     assert data["summary"]["count"] == 0
 
 
+def test_a_wrong_session_stops_the_run_with_the_servers_message(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    rc = bench("--target", server.address, "--session", "nope", "--duration", "30")
+    assert rc == 1 and time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "bench stopped: its first 10 requests all failed with NOT_FOUND" in err
+    assert "session 'nope' not found" in err
+    rc = bench("--target", server.address, "--shape", "1,64", "--duration", "30", "--json", "-")
+    doc = json.loads(capsys.readouterr().out)  # one JSON document, the error
+    assert rc == 1 and doc["error"]["code"] == "INVALID_ARGUMENT"
+    assert "more than 1 value per channel" in doc["error"]["message"]
+
+
+def test_a_stream_run_ends_its_streams_cleanly(server: Server) -> None:
+    rc = bench(
+        "--target", server.address, "--rpc", "stream", "--shape", "8,4", "--concurrency", "3",
+        "--duration", "0.3", "--warmup", "0",
+    )  # fmt: skip
+    assert rc == 0
+    registry = server.metrics.registry
+    # closed by the client (half-close, then the server's OK), never cancelled
+    ok = settled(registry, "normserve_requests_total", 3, method="NormalizeStream", code="OK")
+    assert ok == 3
+    cancelled = metric(
+        registry, "normserve_requests_total", method="NormalizeStream", code="CANCELLED"
+    )
+    assert cancelled == 0
+
+
 class _Recording(pb_grpc.NormalizerServicer):
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
@@ -164,12 +199,61 @@ def test_open_loop_counts_from_intended_send_time() -> None:
     # Due every 25 ms, served in 50 ms by one caller: the queue grows, and so must the latencies
     # (a closed loop, or an open loop timing from the actual send, would report ~50 ms flat).
     r = asyncio.run(run_load(sleeping(0.05), rate=40, concurrency=1, duration=0.5, warmup=0))
-    assert r.count == 20 and not r.errors
+    assert not r.errors
+    # the run ends on time: what fell due but was never sent is counted, not sent late
+    assert r.count + r.missed == 20 and 8 <= r.count <= 11
+    assert r.target_rate == 40 and not r.rate_reached
     lat = r.latency_us()
     assert 45_000 <= lat["min"] <= 80_000
-    assert lat["max"] >= 450_000  # the last one waited for the 19 before it
+    assert lat["max"] >= 200_000  # the last one sent was due ~0.25 s before it went out
+    assert "WARNING the target rate was not reached" in format_summary(r)
     closed = asyncio.run(run_load(sleeping(0.05), concurrency=1, duration=0.3, warmup=0))
     assert closed.latency_us()["max"] < 150_000
+
+
+def test_open_loop_drops_a_warm_up_that_fell_behind() -> None:
+    # 100/s due, 20/s served: by the end of the warm-up, 40 warm-up requests are overdue. They are
+    # dropped, so the measured window starts on schedule instead of inheriting their queue.
+    r = asyncio.run(run_load(sleeping(0.05), rate=100, concurrency=1, duration=0.3, warmup=0.5))
+    assert r.latency_us()["min"] < 100_000
+    assert r.count + r.missed == 30
+
+
+def test_open_loop_that_keeps_up_says_so() -> None:
+    r = asyncio.run(run_load(sleeping(0.001), rate=50, concurrency=4, duration=0.4, warmup=0))
+    assert r.rate_reached and r.missed == 0 and r.sent == 20
+    assert "WARNING" not in format_summary(r)
+    assert Result.from_dict(r.to_dict()).sent == 20
+
+
+def failing(code: grpc.StatusCode, message: str, every: int = 1) -> CallFactory:
+    """A fake call that fails with ``code`` on every ``every``-th call (succeeds otherwise)."""
+    count = 0
+
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[Call]:
+        async def call() -> None:
+            nonlocal count
+            count += 1
+            await asyncio.sleep(0.001)
+            if count % every == 0:
+                raise NormserveError(code, message)
+
+        yield call
+
+    return factory
+
+
+def test_a_run_whose_first_requests_all_fail_alike_stops() -> None:
+    started = time.monotonic()
+    with pytest.raises(EarlyFailure, match="first 10 requests all failed with NOT_FOUND: gone"):
+        asyncio.run(run_load(failing(grpc.StatusCode.NOT_FOUND, "gone"), duration=30))
+    assert time.monotonic() - started < 5
+    # failures mixed with successes are measured, not stopped
+    r = asyncio.run(
+        run_load(failing(grpc.StatusCode.NOT_FOUND, "gone", every=2), duration=0.2, warmup=0)
+    )
+    assert r.count > 0 and r.errors["NOT_FOUND"] > 0
 
 
 def test_open_loop_paces_at_the_rate() -> None:

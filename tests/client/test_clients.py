@@ -118,6 +118,45 @@ def test_errors_are_normserve_errors(client: Client) -> None:
         list(client.normalize_stream(sid, [torch.randn(3, 5)]))
 
 
+def test_mistakes_are_named_in_the_callers_terms(client: Client) -> None:
+    # a wrong keyword names the public method, not an internal helper
+    with pytest.raises(TypeError, match=r"create_session\(\) got an unexpected keyword .*'id'"):
+        client.create_session(8, id="x")  # type: ignore[call-arg]
+    sid = client.create_session(2, session_id="named").session_id
+    assert sid == "named"
+    # a dtype the server would refuse is refused here, with the dtypes it accepts
+    for bad in (torch.ones(4, 2, dtype=torch.int64), np.ones((4, 2), dtype=np.int32)):
+        with pytest.raises(
+            TypeError, match="a batch must be float32, float16, bfloat16 or float64"
+        ):
+            client.normalize(sid, bad)
+        with pytest.raises(TypeError, match="a batch must be float32"):
+            list(client.normalize_stream(sid, [bad]))
+    assert client.get_session(sid).version == 1  # nothing reached the session
+    # on a stream, the batches before the bad one are answered, then its error is raised
+    answered = []
+    with pytest.raises(TypeError, match="cannot normalize int64 data"):
+        for r in client.normalize_stream(sid, [torch.randn(4, 2), torch.ones(4, 2).long()]):
+            answered.append(r.version)
+    assert answered == [2] and client.get_session(sid).version == 2
+
+
+def test_session_info_reads_without_torch_until_asked(client: Client) -> None:
+    info = client.create_session(3, momentum=None)
+    assert info.to_dict()["running_var"] == [1.0, 1.0, 1.0]  # decoded without torch
+    assert info.running_var is not None and info.running_var.dtype == torch.float32
+    assert info.running_var is info.running_var  # decoded once
+    listed = client.list_sessions()[0]
+    assert listed.running_mean is None and listed.to_dict()["running_mean"] is None
+
+
+def test_unreachable_server_says_what_to_check() -> None:
+    with Client("127.0.0.1:1", timeout=2) as c, pytest.raises(UnavailableError) as info:
+        c.list_sessions()
+    assert info.value.hint.startswith("is the server running at 127.0.0.1:1?")
+    assert str(info.value).endswith(f"({info.value.hint})")
+
+
 def test_per_call_timeout(client: Client) -> None:
     sid = client.create_session(2).session_id
 

@@ -4,10 +4,12 @@ back from its log), operator commands, SIGTERM, and the client CLI's independenc
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,10 +19,11 @@ from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
-from normserve.client import Client, DeadlineExceededError, UnavailableError
+from normserve.client import Client, DeadlineExceededError, NormserveError, UnavailableError
 from normserve.server import Settings
 
 CLI = [sys.executable, "-m", "normserve"]
@@ -134,6 +137,10 @@ def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[st
                     client.list_sessions(timeout=1)
                 except UnavailableError:
                     break
+                except NormserveError as err:  # grpc.aio cancels a call that lands mid-shutdown
+                    if err.code is grpc.StatusCode.CANCELLED:
+                        break
+                    raise
                 except DeadlineExceededError:
                     pass
                 assert time.monotonic() < deadline, "new calls still accepted 10 s after SIGTERM"
@@ -189,7 +196,7 @@ try:
 except SystemExit:
     pass
 # (grpc's own __init__ imports the bare grpc_reflection package; the service is in v1alpha)
-heavy = ("normserve.server", "prometheus_client", "grpc_reflection.v1alpha")
+heavy = ("normserve.server", "prometheus_client", "grpc_reflection.v1alpha", "torch")
 print("--- loaded:", *sorted(m for m in sys.modules for h in heavy if (m + ".").startswith(h + ".")))
 """
 
@@ -198,7 +205,7 @@ print("--- loaded:", *sorted(m for m in sys.modules for h in heavy if (m + ".").
     "args", [["session", "list", "--help"], ["--help"], ["health", "--help"], ["bench", "--help"]]
 )
 def test_client_cli_imports_nothing_of_the_server(args: list[str]) -> None:
-    """`normserve session ...` and friends load neither the server nor its dependencies."""
+    """`normserve session ...` and friends load neither the server, its dependencies, nor torch."""
     done = subprocess.run(
         [sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, timeout=120
     )
@@ -206,3 +213,114 @@ def test_client_cli_imports_nothing_of_the_server(args: list[str]) -> None:
     shown, _, loaded = done.stdout.rpartition("--- loaded:")
     assert shown.startswith("usage: normserve"), done.stdout
     assert loaded.split() == []
+
+
+def _loaded(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Runs the client CLI in a fresh interpreter: what it did, and the heavy modules it loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, timeout=120
+    )
+    return done, done.stdout.rpartition("--- loaded:")[2].split()
+
+
+def test_operator_commands_load_no_torch(served: tuple[subprocess.Popen[str], str]) -> None:
+    """Operator commands start in a fraction of torch's import time: they never load it."""
+    _, target = served
+    commands = [
+        ["--version"],
+        ["health"],
+        ["session", "create", "3", "--id", "light"],
+        ["session", "list"],
+        ["session", "show", "light"],
+        ["session", "reset", "light"],
+        ["session", "export", "light"],
+        ["session", "delete", "light"],
+        ["session", "show", "light"],  # a failure too
+    ]
+    shown = {}
+    for args in commands:
+        done, loaded = _loaded(*args, *(["--target", target] if args[0] != "--version" else []))
+        assert loaded == [], (args, loaded)
+        assert "Traceback" not in done.stderr, done.stderr
+        shown[" ".join(args)] = done
+    assert "running_var  [1, 1, 1]" in shown["session reset light"].stdout  # decoded, no torch
+    assert "NOT_FOUND" in shown["session show light"].stderr  # the second show: after delete
+
+
+def _json(*args: str) -> tuple[int, object]:
+    done = run(*args, "--json")
+    assert done.stderr == "", done.stderr  # everything is in the one document
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_json_is_one_document_for_every_command(
+    served: tuple[subprocess.Popen[str], str], tmp_path: Path
+) -> None:
+    _, target = served
+    t = ["--target", target]
+    rc, doc = _json("health", *t)
+    assert rc == 0 and doc == {"target": target, "service": "", "status": "SERVING"}
+    rc, doc = _json("session", "create", "2", "--id", "js", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["session_id"] == "js"
+    assert doc["running_var"] == [1.0, 1.0] and doc["momentum"] == 0.1
+    rc, doc = _json("session", "list", *t)
+    assert rc == 0 and isinstance(doc, list) and [s["session_id"] for s in doc] == ["js"]
+    rc, doc = _json("session", "export", "js", *t)
+    assert rc == 0 and doc == {
+        "weight": [1.0, 1.0],
+        "bias": [0.0, 0.0],
+        "running_mean": [0.0, 0.0],
+        "running_var": [1.0, 1.0],
+        "num_batches_tracked": 0,
+    }
+    state = tmp_path / "js.pt"
+    rc, doc = _json("session", "export", "js", "-o", str(state), *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["file"] == str(state)
+    rc, doc = _json("session", "import", "js", str(state), *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["session"]["version"] == 2
+    rc, doc = _json("session", "reset", "js", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["num_batches_tracked"] == 0
+    rc, doc = _json("session", "delete", "js", *t)
+    assert rc == 0 and doc == {"deleted": "js"}
+    # failures: the server's, a local one, and wrong arguments, each one document, exit non-zero
+    rc, doc = _json("session", "delete", "js", *t)
+    assert rc == 1 and doc == {
+        "error": {"code": "NOT_FOUND", "message": "session 'js' not found", "hint": ""}
+    }
+    rc, doc = _json("session", "import", "js", str(tmp_path / "missing.pt"), *t)
+    assert rc == 1 and isinstance(doc, dict) and "missing.pt" in doc["error"]["message"]
+    rc, doc = _json("session", "create", "many", *t)
+    assert rc == 2 and isinstance(doc, dict) and doc["error"]["code"] == "USAGE"
+    assert "invalid int value: 'many'" in doc["error"]["message"]
+
+
+def _closed_port() -> tuple[socket.socket, int]:
+    """A port that refuses connections: bound (so nothing else takes it), never listening."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+def test_connection_errors_say_what_to_check() -> None:
+    sock, port = _closed_port()
+    with sock:
+        done = run("health", "--target", f"127.0.0.1:{port}", "--timeout", "5")
+    assert done.returncode == 1
+    assert f"hint: is the server running at 127.0.0.1:{port}?" in done.stderr, done.stderr
+    # an HTTP/1 server where gRPC was expected (normserve's own metrics port is one)
+    with http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        target = f"127.0.0.1:{httpd.server_address[1]}"
+        rc, doc = _json("health", "--target", target, "--timeout", "5")
+        httpd.shutdown()
+    assert rc == 1 and isinstance(doc, dict) and doc["error"]["code"] == "UNAVAILABLE"
+    assert "not in gRPC: is it normserve's metrics port" in doc["error"]["hint"]
+
+
+def test_a_taken_port_is_one_clean_line(served: tuple[subprocess.Popen[str], str]) -> None:
+    _, target = served
+    done = run("serve", "--address", target, "--metrics-address", "off")
+    assert done.returncode == 2
+    assert f"--address: {target} is already in use" in done.stderr
+    assert "add_port" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -59,7 +59,7 @@ def test_large_batch_is_chunked_below_grpc_default(client: Client) -> None:
     """A 6 MB batch through the client: every message must stay under 4 MiB."""
     sid = client.create_session(16, momentum=None).session_id
     x = torch.randn(96, 16, 32, 32)  # 6.3 MB
-    from normserve.client._common import StreamPlan
+    from normserve.client._tensors import StreamPlan
 
     sizes = [len(r) for r in StreamPlan(sid, "train", False, client.chunk_bytes).batch_requests(x)]
     assert len(sizes) > 1 and max(sizes) < 1.1 * (1 << 20)
