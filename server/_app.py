@@ -256,11 +256,11 @@ def serve(settings: Settings | None = None) -> int:
         log.error("normserve cannot start: %s", err)
         return 2
     log.info(
-        "normserve listening on %s (device %s, %d compute workers; metrics on %s)",
+        "normserve listening on %s (device %s, %d compute workers; %s)",
         server.address,
         server.sessions.default_device,
         settings.workers,
-        server.metrics_address or "turned off",
+        f"metrics on {server.metrics_address}" if server.metrics_address else "metrics off",
     )
     stop = threading.Event()
 

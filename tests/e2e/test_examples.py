@@ -1,0 +1,270 @@
+"""The examples as a user runs them: each script a subprocess against a real server, small sizes
+via its flags, and what it prints or saves checked against torch computed here."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+from normserve.client import Client
+from normserve.server import Server
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Runs ``examples/<name>`` as a user would; returns its stdout (fails with its stderr)."""
+    cmd = [sys.executable, str(EXAMPLES / name)] if name.endswith(".py") else [str(EXAMPLES / name)]
+    # the venv's scripts (``normserve``) on PATH, as after activating it
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    proc = subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**os.environ, "PATH": path, **(env or {})},
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def load_example(name: str) -> ModuleType:
+    """Imports ``examples/<name>.py`` as a module (its helpers build the local twin)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def line(pattern: str, text: str) -> re.Match[str]:
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    return match
+
+
+def no_sessions_left(client: Client) -> None:
+    assert [s.session_id for s in client.list_sessions()] == []
+
+
+# ---- every example documents itself and is listed
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
+def test_example_docstring_says_what_and_how(path: Path) -> None:
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc, f"{path.name} has no module docstring"
+    assert f"python examples/{path.name} --target 127.0.0.1:50051" in doc
+    assert "NORMSERVE_TARGET" in doc
+
+
+def test_examples_readme_lists_every_example() -> None:
+    readme = (EXAMPLES / "README.md").read_text()
+    scripts = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh"))
+    assert scripts
+    for name in scripts:
+        assert f"examples/{name}" in readme, name
+    assert "scripts/serve" in readme
+
+
+# ---- train_remote_bn.py: RemoteBatchNorm2d trains like torch.nn.BatchNorm2d
+
+
+def test_train_remote_bn_trains_like_local_batchnorm(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    samples, epochs, batch = 400, 3, 16
+    saved = tmp_path / "model.pt"
+    out = run_example(
+        "train_remote_bn.py",
+        *("--target", server.address, "--data", "synthetic", "--samples", str(samples)),
+        *("--epochs", str(epochs), "--batch-size", str(batch), "--save", str(saved)),
+        env={"OMP_NUM_THREADS": "1"},  # its tiny kernels: threads would only contend
+    )
+    losses = [float(v) for v in re.findall(r"^epoch \d+: loss ([\d.]+)$", out, re.MULTILINE)]
+    assert len(losses) == epochs, out
+    assert losses[-1] < 0.5 * losses[0], losses
+    accuracy = float(line(r"^test accuracy: ([\d.]+)$", out).group(1))
+    assert accuracy > 0.5  # 10 classes: chance is 0.1
+
+    # The twin: the same model, data, seed and loop with torch's own BatchNorm2d.
+    ex = load_example("train_remote_bn")
+    x, y = ex.load_data("synthetic", samples, 0)
+    n_test = int(samples * 0.25)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: a thread pool only adds contention with the server
+    try:
+        torch.manual_seed(0)
+        twin = ex.build_model(nn.BatchNorm2d)
+        twin_losses = ex.train(
+            twin, x[n_test:], y[n_test:], epochs=epochs, batch_size=batch, lr=0.05, seed=0,
+            log=lambda _: None,
+        )  # fmt: skip
+        twin_accuracy = ex.accuracy(twin, x[:n_test], y[:n_test])
+    finally:
+        torch.set_num_threads(threads)
+    assert losses == pytest.approx(twin_losses, abs=2e-4)
+    assert abs(accuracy - twin_accuracy) <= 1.5 / n_test  # at most one prediction flips
+
+    # The saved state_dict: conv/linear weights (so the gradients matched), the affine
+    # parameters and the running statistics the server kept, all like the twin's.
+    remote = torch.load(saved, weights_only=True)
+    local = twin.state_dict()
+    assert list(remote) == list(local)
+    for key, value in local.items():
+        torch.testing.assert_close(
+            remote[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    batches_per_epoch = -(-(samples - n_test) // batch)
+    assert int(remote["1.num_batches_tracked"]) == epochs * batches_per_epoch
+    assert len(re.findall(rf"num_batches_tracked {epochs * batches_per_epoch},", out)) == 2
+    assert "deleted 2 sessions" in out
+    no_sessions_left(client)
+
+
+# ---- eval_serving.py: concurrent EVAL from an imported state_dict
+
+
+@pytest.mark.parametrize("flags", [(), ("--asyncio",)], ids=["threads", "asyncio"])
+def test_eval_serving_matches_torch_eval_and_leaves_the_session_alone(
+    server: Server, client: Client, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    clients, requests, channels = 4, 8, 6
+    saved = tmp_path / "serving.pt"
+    out = run_example(
+        "eval_serving.py",
+        *("--target", server.address, "--channels", str(channels), "--batch", "5"),
+        *("--size", "3", "--clients", str(clients), "--requests", str(requests)),
+        *("--save", str(saved), *flags),
+    )
+    data = torch.load(saved, weights_only=True)
+    bn = nn.BatchNorm2d(channels)
+    bn.load_state_dict(data["state_dict"])
+    bn.eval()
+    assert data["state_dict"]["num_batches_tracked"] > 0  # a trained state, not the default
+    assert len(data["inputs"]) == len(data["outputs"]) == clients * requests
+    with torch.no_grad():
+        for x, y in zip(data["inputs"], data["outputs"], strict=True):
+            assert x.shape == y.shape == (5, channels, 3, 3)
+            torch.testing.assert_close(y, bn(x), rtol=0, atol=1e-5)
+    assert data["version_after"] == data["version_before"]
+    for key, value in data["state_dict"].items():
+        assert torch.equal(data["state_after"][key], value), key
+    assert "after: unchanged, state unchanged" in out
+    err = float(line(r"^max \|output - torch BatchNorm2d.eval\(\)\| = (\S+)$", out).group(1))
+    assert err <= 1e-5
+    pct = line(r"^latency ms: p50 (\S+)\s+p90 (\S+)\s+p99 (\S+)\s+max (\S+)$", out)
+    p50, p90, p99, pmax = (float(v) for v in pct.groups())
+    assert 0 < p50 <= p90 <= p99 <= pmax
+    line(rf"^serving {clients} {'asyncio tasks' if flags else 'threads'} x {requests} EVAL", out)
+    no_sessions_left(client)
+
+
+# ---- calibration.py: statistics_only TRAIN with momentum=None
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(1), flat.var(1)
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["batches", "one-batch"])
+def test_calibration_matches_the_dataset_statistics(
+    server: Server, client: Client, tmp_path: Path, one_batch: bool
+) -> None:
+    saved = tmp_path / "calibration.pt"
+    out = run_example(
+        "calibration.py",
+        *("--channels", "5", "--size", "4", "--batch", "32", "--batches", "12"),
+        *("--save", str(saved), *(("--one-batch",) if one_batch else ())),
+        env={"NORMSERVE_TARGET": server.address},  # the default target
+    )
+    data = torch.load(saved, weights_only=True)
+    calib = data["calibration_data"]
+    assert calib.shape == (32 * 12, 5, 4, 4)
+    mean, var = _channel_stats(calib)
+    after_mean, after_var = data["after"]["mean"].double(), data["after"]["var"].double()
+
+    # Equal-size batches: the cumulative average of batch means is the dataset mean.
+    torch.testing.assert_close(after_mean, mean, rtol=1e-6, atol=1e-5)
+    # The running variance is the average of the batches' unbiased variances (torch's
+    # momentum=None), which is the dataset's unbiased variance when it is one batch.
+    batches = calib.split(data["batch"])
+    assert data["num_batches_tracked"] == len(batches) == (1 if one_batch else 12)
+    per_batch = torch.stack([_channel_stats(b)[1] for b in batches]).mean(0)
+    torch.testing.assert_close(after_var, per_batch, rtol=1e-5, atol=0)
+    if one_batch:
+        torch.testing.assert_close(after_var, var, rtol=1e-5, atol=0)
+    else:
+        assert not torch.allclose(after_var, var, rtol=1e-5, atol=0)  # the between-batch gap
+        torch.testing.assert_close(after_var, var, rtol=0.05, atol=0)
+    # the old statistics were far from the new traffic's
+    assert (data["before"]["mean"].double() - mean).abs().max() > 1.0
+
+    # The serving session now holds the recalibrated statistics, and EVAL on the shifted
+    # traffic is centred and scaled again.
+    assert torch.equal(data["serving_state"]["running_mean"], data["after"]["mean"])
+    assert torch.equal(data["serving_state"]["running_var"], data["after"]["var"])
+    drift = re.findall(r"EVAL on shifted traffic: mean \|mean\| (\S+), mean \|std - 1\| (\S+)", out)
+    assert len(drift) == 2, out
+    (mean_before, std_before), (mean_after, std_after) = ((float(a), float(b)) for a, b in drift)
+    assert mean_before > 1.0 and std_before > 0.5
+    assert mean_after < 0.2 and std_after < 0.2
+    d_mean = float(line(r"^running_mean vs dataset mean: max \|diff\| (\S+)$", out).group(1))
+    assert d_mean <= 1e-4
+    assert "deleted 2 sessions" in out
+    no_sessions_left(client)
+
+
+# ---- load_test.sh: normserve bench, closed and open loop, compared
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_load_test_reports(server: Server, client: Client, tmp_path: Path) -> None:
+    plot = importlib.util.find_spec("matplotlib") is not None
+    out = run_example(
+        "load_test.sh",
+        *("--target", server.address, "--duration", "0.5", "--warmup", "0.1"),
+        *("--concurrency", "2", "--rate", "40", "--shape", "8,16", "--out", str(tmp_path)),
+        *(("--plot",) if plot else ()),
+    )
+    closed = json.loads((tmp_path / "closed.json").read_text())
+    opened = json.loads((tmp_path / "open.json").read_text())
+    for result, mode in ((closed, "train"), (opened, "eval")):
+        assert result["format"] == "normserve-bench"
+        assert result["config"]["target"] == server.address
+        assert result["config"]["shape"] == [8, 16]
+        assert result["config"]["mode"] == mode
+        assert result["config"]["duration_s"] == 0.5
+        summary = result["summary"]
+        assert summary["count"] > 0
+        assert summary["errors"] == {}
+        assert summary["bytes_per_request"] == 8 * 16 * 4
+        lat = summary["latency_us"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert closed["config"]["concurrency"] == 2
+    assert closed["config"]["rate"] is None
+    assert opened["config"]["rate"] == 40.0
+    # an open loop never sends more than its schedule: 40/s over the 0.5 s measured
+    assert opened["summary"]["count"] <= 21
+    # the printed reports and the comparison
+    assert len(re.findall(r"^count\s+\d+ ok, 0 errors", out, re.MULTILINE)) == 2, out
+    assert re.search(r"^p99\s+\S+ms\s+\S+ms\s+\S+x$", out, re.MULTILINE), out
+    assert f"results in {tmp_path}" in out
+    if plot:
+        assert (tmp_path / "closed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_sessions_left(client)
