@@ -3,10 +3,10 @@
 ``run_load`` drives any ``CallFactory`` (each caller enters it once and gets an awaitable that makes
 one request), so the benchmark suite measures normserve and a raw echo service with the same code.
 
-The engine is asyncio: one thread, one channel, each caller an asyncio task. Measured on the 2-core
-development machine against ``benchmarks/echo.py`` (64 KiB messages), asyncio drove 20-40% more
-requests/s than the blocking client with one thread per caller at concurrency 4 and 64, at less client
-CPU per request; threads were ahead only at concurrency 1 (~250 vs ~350 us of client CPU per call), an
+The engine is asyncio: one thread, one channel, each caller an asyncio task. Measured on a 2-core
+machine (client and server sharing it) against ``benchmarks/echo.py`` (64 KiB messages), asyncio
+drove 20-40% more requests/s than the blocking client with one thread per caller at concurrency 4
+and 64, at less client CPU per request; threads were ahead only at concurrency 1 (~250 vs ~350 us of client CPU per call), an
 overhead normserve and the echo baseline pay alike. One thread also keeps the open-loop schedule
 exact without locks, and a hard stop is a task cancel.
 """

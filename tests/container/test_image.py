@@ -1,22 +1,16 @@
 """The container image, built and run for real: health, a normalization, /metrics, SIGTERM -> exit 0.
 
-Needs a container engine. On the project's machines: ``../shared/tools/container-env`` (rootful
-podman plus a local stand-in for python:3.11-slim), which this test uses when it lies beside the
-repository; otherwise a ``podman`` or ``docker`` that answers. Without one the test skips.
-Run it with ``.ci/container`` or ``python -m pytest -m container tests/container``.
+Needs a container engine: podman or docker (see tests/container/_engine.py); without one the tests
+skip. Run them with ``.ci/container`` or ``python -m pytest -m container tests/container``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,76 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from normserve.client import Client
 
+from ._engine import BUILD_TIMEOUT_S, Built, Engine
+
 pytestmark = pytest.mark.container
 
-ROOT = Path(__file__).resolve().parents[2]
-CONTAINER_ENV = ROOT.parent / "shared" / "tools" / "container-env"
-IMAGE = "normserve:ci"
-HOW_TO_RUN = (
-    "no container engine: install podman (or docker), or on the project's machines run "
-    "../shared/tools/container-env once, then: python -m pytest -m container tests/container "
-    "(or .ci/container)"
-)
-
-BUILD_TIMEOUT_S = 1800  # a cold build installs torch; a warm one takes seconds
 HEALTH_TIMEOUT_S = 90
-
-
-def _answers(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run([*cmd, "info"], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _find_engine() -> list[str] | None:
-    if CONTAINER_ENV.is_file():
-        cmd = [str(CONTAINER_ENV), "podman"]
-        if _answers(cmd):
-            return cmd
-    for name in ("podman", "docker"):
-        exe = shutil.which(name)
-        if exe and _answers([exe]):
-            return [exe]
-    return None
-
-
-class Engine:
-    def __init__(self, cmd: list[str]) -> None:
-        self.cmd = cmd
-        self.is_podman = "podman" in Path(cmd[-1]).name
-
-    def __call__(
-        self, *args: str, timeout: float = 60, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*self.cmd, *args], capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"`{' '.join(args[:2])} ...` exited {proc.returncode}:\n"
-                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-            )
-        return proc
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    cmd = _find_engine()
-    if cmd is None:
-        if os.environ.get("NORMSERVE_REQUIRE_CONTAINER"):  # set by .ci/container: no silent skip
-            pytest.fail(HOW_TO_RUN)
-        pytest.skip(HOW_TO_RUN)
-    return Engine(cmd)
-
-
-@pytest.fixture(scope="module")
-def image(engine: Engine) -> tuple[str, float, int]:
-    # podman's default OCI format would drop HEALTHCHECK; docker always keeps it
-    fmt = ["--format", "docker"] if engine.is_podman else []
-    t0 = time.monotonic()
-    engine("build", *fmt, "-t", IMAGE, str(ROOT), timeout=BUILD_TIMEOUT_S)
-    built_s = time.monotonic() - t0
-    size = int(engine("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
-    return IMAGE, built_s, size
+# torch imported without numpy beside it says so at import; neither the build nor the server may
+NUMPY_WARNING = "Failed to initialize NumPy"
 
 
 def _wait_serving(engine: Engine, name: str, target: str) -> None:
@@ -145,13 +76,13 @@ def _published_port(engine: Engine, name: str, container_port: int) -> int:
 
 
 @pytest.fixture
-def container(engine: Engine, image: tuple[str, float, int]) -> Iterator[tuple[str, int, int]]:
+def container(engine: Engine, image: Built) -> Iterator[tuple[str, int, int]]:
     name = f"normserve-test-{uuid.uuid4().hex[:8]}"
     engine(
         "run", "-d", "--name", name,
         "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9464",
         "-e", "NORMSERVE_DEVICE=cpu",
-        image[0],
+        image.tag,
         timeout=120,
     )  # fmt: skip
     try:
@@ -165,17 +96,18 @@ def container(engine: Engine, image: tuple[str, float, int]) -> Iterator[tuple[s
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 def test_image_serves_normalizes_exports_metrics_and_stops_cleanly(
     engine: Engine,
-    image: tuple[str, float, int],
+    image: Built,
     container: tuple[str, int, int],
     capsys: pytest.CaptureFixture[str],
     record_property: Callable[[str, object], None],
 ) -> None:
-    tag, built_s, size = image
-    record_property("image_size_bytes", size)
+    record_property("image_size_bytes", image.size)
     with capsys.disabled():
         print(
-            f"\n[container] built {tag} in {built_s:.0f}s; image size {size / 1e6:.0f} MB ({size} bytes)"
+            f"\n[container] built {image.tag} in {image.seconds:.0f}s; "
+            f"image size {image.size / 1e6:.0f} MB ({image.size} bytes)"
         )
+    assert NUMPY_WARNING not in image.output, "the build imported torch without numpy"
     name, grpc_port, metrics_port = container
     target = f"127.0.0.1:{grpc_port}"
     t0 = time.monotonic()
@@ -210,6 +142,9 @@ def test_image_serves_normalizes_exports_metrics_and_stops_cleanly(
     assert code == "0", f"exit code {code} after SIGTERM:\n{logs.stdout}\n{logs.stderr}"
     assert stop_s < 20, f"took {stop_s:.1f}s to stop: SIGTERM not handled?"
 
+    assert NUMPY_WARNING not in logs.stdout + logs.stderr, (
+        f"server logs:\n{logs.stdout}{logs.stderr}"
+    )
     assert "normserve_requests_total" in metrics, (
         f"no normserve_requests_total in /metrics:\n{metrics[:2000]}"
     )
