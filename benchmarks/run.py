@@ -688,6 +688,27 @@ def summary_text(
     )
 
 
+#: docs/benchmarks.md keeps this script's report between these lines, under its own summary.
+REPORT_BEGIN = "<!-- BEGIN benchmarks/run.py report -->"
+REPORT_END = "<!-- END benchmarks/run.py report -->"
+
+
+def place_report(out: Path, text: str) -> str:
+    """The file to write: ``text`` alone, or, when ``out`` already holds the markers, ``out`` with
+    the report between them replaced (its headings two levels down), so a rerun refreshes the
+    detailed report and keeps what the file says around it."""
+    old = out.read_text() if out.exists() else ""
+    if REPORT_BEGIN not in old or REPORT_END not in old:
+        return text
+    head, _, rest = old.partition(REPORT_BEGIN)
+    _, _, tail = rest.partition(REPORT_END)
+    demoted = re.sub(r"(?m)^(#+) ", r"##\1 ", text.strip())  # "# Benchmarks" -> "###"
+    demoted = demoted.replace(
+        "### Benchmarks", "### Latency and throughput report (`benchmarks/run.py`)", 1
+    )
+    return f"{head}{REPORT_BEGIN}\n{demoted}\n{REPORT_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~10 s smoke run (CI); numbers meaningless")
@@ -739,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(specs, results, compute, memory, machine, meta))
+    out.write_text(place_report(out, report(specs, results, compute, memory, machine, meta)))
     if args.json:
         Path(args.json).write_text(
             json.dumps(

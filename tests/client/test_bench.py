@@ -340,6 +340,22 @@ def test_remote_targets_refused_without_allow_remote(capsys: pytest.CaptureFixtu
 # ---- the suite
 
 
+def test_suite_report_refreshes_only_its_part_of_the_page(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from run import REPORT_BEGIN, REPORT_END, place_report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    page = tmp_path / "benchmarks.md"
+    report = "# Benchmarks\n\nnew figures\n\n## Workload S\n"
+    assert place_report(page, report) == report  # no page yet: the report alone
+    page.write_text(f"# Summary\nkept\n{REPORT_BEGIN}\nold figures\n{REPORT_END}\nafter\n")
+    placed = place_report(page, report)
+    assert placed.startswith("# Summary\nkept\n") and placed.endswith(f"{REPORT_END}\nafter\n")
+    assert "old figures" not in placed and "new figures" in placed
+    assert "### Latency and throughput report" in placed and "#### Workload S" in placed
+
+
 def test_suite_quick_writes_the_report(tmp_path: Path) -> None:
     out, js = tmp_path / "bench.md", tmp_path / "bench.json"
     proc = subprocess.run(
