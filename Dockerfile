@@ -2,7 +2,12 @@
 #
 #   CPU (default):
 #     docker build -t normserve:cpu .                     # or: podman build --format docker -t normserve:cpu .
-#     docker run -d -p 127.0.0.1:50051:50051 -p 127.0.0.1:9464:9464 normserve:cpu
+#     scripts/make-token             # deploy/normserve.env (server) and deploy/client.token (clients)
+#     docker run -d -p 127.0.0.1:50051:50051 -p 127.0.0.1:9464:9464 \
+#       --env-file deploy/normserve.env normserve:cpu
+#     (the server listens on 0.0.0.0 in the container, so it runs authenticated: it refuses to
+#     start there without tokens or mutual TLS; see docs/security.md. Health and /metrics need no
+#     token.)
 #   CUDA (a CUDA base image and a CUDA build of torch; run on a host with an NVIDIA GPU and driver):
 #     docker build --build-arg VARIANT=cuda \
 #       --build-arg BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04 -t normserve:cuda .
@@ -81,8 +86,15 @@ ENV PATH=/opt/venv/bin:$PATH
 # C++ headers (torch/include: for C++ extensions, and the image has no compiler), the C++ test
 # programs (torch/test, torch/bin/test_* and *Test) and protoc, and the Python packages' tests.
 # torch/bin/torch_shm_manager stays (torch.multiprocessing uses it).
+# Before downloading anything, pip is asked what the pin resolves to: a CPU image whose index offers
+# only the CUDA build (the standard index, on Linux x86_64) stops at once, saying what to pass.
 RUN case "$VARIANT" in cpu|cuda) ;; *) echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1;; esac \
  && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && pip install --quiet --dry-run --ignore-installed --report /tmp/torch.json "torch==${TORCH_VERSION}" \
+ && if [ "$VARIANT" = cpu ] && python -c "import json, sys; r = json.load(open('/tmp/torch.json')); sys.exit(0 if any(i['metadata']['name'].startswith('nvidia-') for i in r['install']) else 1)"; then \
+      echo "VARIANT=cpu, but this package index gives the CUDA build of torch==${TORCH_VERSION}: pass --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> (compose: NORMSERVE_TORCH_INDEX_URL=... docker compose build)" >&2; exit 1; \
+    fi \
+ && rm /tmp/torch.json \
  && pip install --no-compile "torch==${TORCH_VERSION}" \
  && site=$(python -c "import sysconfig; print(sysconfig.get_path('purelib'))") \
  && rm -rf "$site/torch/include" "$site/torch/test" "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/bin/protoc* \

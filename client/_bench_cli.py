@@ -21,6 +21,12 @@ from normserve.client._bench_report import (
     load_result,
     machine_info,
 )
+from normserve.client._cli import (
+    add_connection_arguments,
+    connection_kwargs,
+    positive_seconds,
+    target_address,
+)
 from normserve.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -50,17 +56,9 @@ def _metadata(text: str) -> tuple[str, str]:
     return key.strip().lower(), value
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not (args.tls or args.ca_file):
-        return None
-    roots = None
-    if args.ca_file:
-        with open(args.ca_file, "rb") as f:
-            roots = f.read()
-    return grpc.ssl_channel_credentials(root_certificates=roots)
-
-
-def _config(args: argparse.Namespace, concurrency: int, nbytes: int) -> dict[str, Any]:
+def _config(
+    args: argparse.Namespace, concurrency: int, nbytes: int, security: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "target": args.target,
         "rpc": args.rpc,
@@ -76,7 +74,9 @@ def _config(args: argparse.Namespace, concurrency: int, nbytes: int) -> dict[str
         "timeout_s": args.timeout,
         "chunk_bytes": args.chunk_bytes,
         "metadata_keys": sorted({k for k, _ in args.metadata}),
-        "tls": bool(args.tls or args.ca_file),
+        "tls": bool(security["tls"] or security["ca_file"] or security["cert_file"]),
+        "client_certificate": bool(security["cert_file"]),
+        "token": security["token"] is not None,  # whether one was sent; never the token
         "request_bytes": nbytes,
     }
 
@@ -94,12 +94,10 @@ async def _bench(args: argparse.Namespace) -> Result:
         )
     concurrency = args.concurrency or (16 if args.rate else 1)
     metadata = tuple(args.metadata) or None
-    config = _config(args, concurrency, nbytes)
+    security = connection_kwargs(args)
+    config = _config(args, concurrency, nbytes, security)
     async with AsyncClient(
-        args.target,
-        timeout=args.timeout,
-        chunk_bytes=args.chunk_bytes,
-        credentials=_credentials(args),
+        args.target, timeout=args.timeout, chunk_bytes=args.chunk_bytes, **security
     ) as client:
         session_id = args.session
         if not session_id:
@@ -178,6 +176,7 @@ USAGE = """normserve bench [--target HOST:PORT] [--rpc unary|stream] [--shape 64
                        [--dtype float32|float16|bfloat16|float64] [--mode train|eval]
                        [--session ID] [--concurrency N | --rate R] [--duration S] [--requests N]
                        [--warmup S] [--timeout S] [--metadata K=V]... [--tls] [--ca-file PEM]
+                       [--cert-file PEM --key-file PEM] [--token-file FILE]
                        [--allow-remote] [--json FILE|-] [--plot FILE.png] [--quiet]
        normserve bench compare A.json B.json"""
 
@@ -193,14 +192,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--target",
+        type=target_address,
         default=os.environ.get("NORMSERVE_TARGET", DEFAULT_TARGET),
         help=f"server host:port (env NORMSERVE_TARGET; default {DEFAULT_TARGET})",
     )
     p.add_argument(
         "--allow-remote", action="store_true", help="allow a target that is not loopback"
     )
-    p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-file)")
-    p.add_argument("--ca-file", help="PEM file of root certificates (implies --tls)")
+    add_connection_arguments(p)
     p.add_argument(
         "--metadata",
         type=_metadata,
@@ -226,11 +225,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
     p.add_argument("--requests", type=int, help="stop after this many measured requests")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (10)")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=10.0, help="seconds per request (10)"
+    )
     p.add_argument(
         "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="stream chunk size (1 MiB)"
     )
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the result as JSON to FILE (alone, or '-': stdout, errors included)",
+    )
     p.add_argument("--plot", metavar="PNG", help="draw percentiles and latency over time")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_run)

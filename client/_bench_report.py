@@ -174,7 +174,7 @@ def load_result(path: str) -> Result:
     """Reads a result written by ``Result.write_json``; ValueError if it is not one."""
     try:
         return Result.from_dict(json.loads(Path(path).read_text()))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a normserve bench result ({err})") from None
 
 

@@ -5,12 +5,15 @@ torch files or tensors, load it).
 
 With ``--json``, every command prints exactly one JSON document on stdout, failures included
 (``{"error": {"code": ..., "message": ..., "hint": ...}}``), and exits non-zero on failure: 1 when
-the command failed, 2 when its arguments were wrong."""
+the command failed, 2 when its arguments were wrong.
+
+Every command that talks to a server takes ``--tls``, ``--ca-file``, ``--cert-file``, ``--key-file``
+and ``--token-file`` (defaults from NORMSERVE_TLS, NORMSERVE_CA_FILE, NORMSERVE_CERT_FILE,
+NORMSERVE_KEY_FILE, NORMSERVE_TOKEN_FILE; the token itself may be in NORMSERVE_TOKEN)."""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from normserve import __version__
-from normserve.client._common import DEFAULT_TARGET, SessionInfo, tensor_values
+from normserve.client._common import DEFAULT_TARGET, SessionInfo, check_token, tensor_values
 from normserve.client._errors import NormserveError
 from normserve.client._sync import Client
 from normserve.v1 import normserve_pb2 as pb
@@ -35,11 +38,122 @@ def _serve(args: Sequence[str]) -> NoReturn:
     the server itself and its exit status is the command's; its flags and ``--help`` are its own."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *SERVER_COMMAND, *args])
+    env = {**os.environ, "NORMSERVE_PROG": "normserve serve"}
+    os.execve(sys.executable, [sys.executable, *SERVER_COMMAND, *args], env)
+
+
+def target_address(text: str) -> str:
+    """argparse type of --target: ``host:port`` with a port in 1-65535 (gRPC would take a missing
+    port for 443 and wrap a larger one around), or a gRPC target URI (``dns:...``, ``unix:...``)."""
+    if text.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host:port (e.g. 127.0.0.1:50051), got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {port}")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of --timeout: seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS, client certificate and token options, each defaulting to a NORMSERVE_* variable. The
+    token itself comes from a file or the environment, never from a flag: flags show in ``ps``."""
+    env = os.environ.get
+    p.add_argument(
+        "--tls",
+        action="store_const",
+        const="1",
+        default=env("NORMSERVE_TLS", ""),
+        help="use TLS, trusting the system's root certificates unless --ca-file "
+        "(env NORMSERVE_TLS=1)",
+    )
+    p.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_const",
+        const="0",
+        help="no TLS, whatever NORMSERVE_TLS says (--ca-file and --cert-file still imply TLS)",
+    )
+    p.add_argument(
+        "--ca-file",
+        default=env("NORMSERVE_CA_FILE") or None,
+        metavar="PEM",
+        help="CA certificates that sign the server's certificate; implies --tls "
+        "(env NORMSERVE_CA_FILE)",
+    )
+    p.add_argument(
+        "--cert-file",
+        default=env("NORMSERVE_CERT_FILE") or None,
+        metavar="PEM",
+        help="client certificate, for a server that requires one (mutual TLS); implies --tls "
+        "(env NORMSERVE_CERT_FILE)",
+    )
+    p.add_argument(
+        "--key-file",
+        default=env("NORMSERVE_KEY_FILE") or None,
+        metavar="PEM",
+        help="the client certificate's private key (env NORMSERVE_KEY_FILE)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=env("NORMSERVE_TOKEN_FILE") or None,
+        metavar="FILE",
+        help="file holding the bearer token sent with every call (env NORMSERVE_TOKEN_FILE; or "
+        "the token itself in env NORMSERVE_TOKEN)",
+    )
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Client``/``AsyncClient`` security arguments of ``add_connection_arguments``' flags.
+    Raises ``ValueError`` (never quoting a token) when one cannot work."""
+    tls = str(args.tls).strip().lower()
+    if tls not in _TRUE + _FALSE:
+        raise ValueError(
+            f"NORMSERVE_TLS={args.tls!r}: expected 1 or 0 (true/false, yes/no, on/off)"
+        )
+    token: str | None = None
+    source = ""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8", errors="replace") as f:
+                token = f.read()
+        except OSError as err:
+            raise ValueError(
+                f"cannot read the token file {args.token_file}: {err.strerror or err}"
+            ) from None
+        source = f"the token file {args.token_file}"
+    elif os.environ.get("NORMSERVE_TOKEN"):
+        token, source = os.environ["NORMSERVE_TOKEN"], "NORMSERVE_TOKEN"
+    if token is not None:
+        try:
+            token = check_token(token)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+    return {
+        "tls": tls in _TRUE,
+        "ca_file": args.ca_file,
+        "cert_file": args.cert_file,
+        "key_file": args.key_file,
+        "token": token,
+    }
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout)
+    return Client(args.target, timeout=args.timeout, **connection_kwargs(args))
 
 
 def _emit(document: Any) -> None:
@@ -152,9 +266,13 @@ def _import(args: argparse.Namespace) -> int:
 
     try:
         state = torch.load(args.file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several kinds for a file that is not a state_dict
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{args.file}: not a torch state_dict file ({first})") from None
+    except OSError as err:  # no such file, a folder, no permission
+        raise ValueError(f"{args.file}: cannot read it ({err.strerror or err})") from None
+    except Exception:  # torch raises several kinds, with advice that does not apply here
+        raise ValueError(
+            f"{args.file}: not a torch state_dict file (expected what torch.save(module."
+            "state_dict()) or `normserve session export -o` writes: names mapped to tensors)"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{args.file}: expected a state_dict (a mapping of names to tensors)")
     with _client(args) as client:
@@ -191,11 +309,13 @@ def _parser() -> argparse.ArgumentParser:
     remote = _Parser(add_help=False)
     remote.add_argument(
         "--target",
+        type=target_address,
         default=os.environ.get("NORMSERVE_TARGET", DEFAULT_TARGET),
         help=f"server host:port (env NORMSERVE_TARGET; default {DEFAULT_TARGET})",
     )
-    remote.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    remote.add_argument("--timeout", type=positive_seconds, default=10.0, help="seconds per call")
     remote.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connection_arguments(remote)
 
     health = sub.add_parser("health", parents=[remote], help="ask the gRPC health service")
     health.add_argument("--service", default="", help="service name ('' for the server)")
@@ -278,12 +398,17 @@ def _fail(err: BaseException, as_json: bool) -> int:
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
-    # `bench --json FILE` writes its result to FILE; only `--json -` puts a document on stdout
-    if "bench" in argv[:1]:
-        return any(a == "--json=-" for a in argv) or any(
-            a == "--json" and b == "-" for a, b in itertools.pairwise(argv)
-        )
-    return "--json" in argv
+    """Whether the command prints a JSON document on stdout: ``--json`` (for ``bench``, whose
+    ``--json FILE`` writes a file, only ``--json`` alone or ``--json -``)."""
+    if argv[:1] != ["bench"]:
+        return "--json" in argv
+    for i, arg in enumerate(argv):
+        if arg == "--json=-":
+            return True
+        if arg == "--json":
+            after = argv[i + 1] if i + 1 < len(argv) else None
+            return after is None or after == "-" or after.startswith("--")
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"normserve: cannot run the server ({sys.executable}): {err}", file=sys.stderr)
             return 1
     as_json = _wants_json(argv)
+    if as_json and argv[:1] == ["--version"]:
+        _emit({"version": __version__})
+        return 0
     _Parser.json_errors = as_json
     args: Any = _parser().parse_args(argv)
     try:

@@ -210,9 +210,81 @@ def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = (
     ]
 
 
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = b"PRIVATE KEY-----"
+
+
+def _read_pem(what: str, path: str) -> bytes:
+    """A PEM file's bytes; ``what`` says which ("CA file", "certificate file", "key file")."""
+    marker, kind = (
+        (_PEM_KEY, "private key") if what == "key file" else (_PEM_CERTIFICATE, "certificate")
+    )
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    if marker not in data:
+        raise ValueError(f"the {what} {path} holds no PEM {kind}")
+    return data
+
+
+def check_token(token: str) -> str:
+    """The token, stripped; raises ``ValueError`` (never quoting it) unless gRPC can send it."""
+    token = token.strip()
+    if not token:
+        raise ValueError("the token is empty")
+    if any(not 0x21 <= ord(ch) <= 0x7E for ch in token):
+        raise ValueError(
+            "the token has a character gRPC metadata cannot carry (printable ASCII only, no "
+            "spaces or line breaks)"
+        )
+    return token
+
+
+def connection_security(
+    *,
+    tls: bool = False,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    token: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
+    """The channel credentials for these options (``None``: plaintext), and the metadata every
+    call must carry besides: the token, where the channel cannot carry it as call credentials."""
+    if bool(cert_file) != bool(key_file):
+        missing = "key_file (--key-file)" if cert_file else "cert_file (--cert-file)"
+        raise ValueError(f"a client certificate goes with its key: {missing} is missing")
+    wants_tls = bool(tls or ca_file or cert_file)
+    if credentials is not None and wants_tls:
+        raise ValueError("give either credentials or tls/ca_file/cert_file/key_file, not both")
+    if wants_tls:
+        credentials = grpc.ssl_channel_credentials(
+            # no CA file: the system's root certificates
+            root_certificates=_read_pem("CA file", ca_file) if ca_file else None,
+            private_key=_read_pem("key file", key_file) if key_file else None,
+            certificate_chain=_read_pem("certificate file", cert_file) if cert_file else None,
+        )
+    if token is None:
+        return credentials, ()
+    token = check_token(token)
+    if credentials is None:
+        # grpc sends call credentials over secure channels only; over plaintext (a loopback
+        # server, or one behind a proxy that terminates TLS) the token goes as plain metadata
+        return None, (("authorization", f"Bearer {token}"),)
+    call = grpc.access_token_call_credentials(token)
+    return grpc.composite_channel_credentials(credentials, call), ()
+
+
 class ClientBase:
     """What the sync and asyncio clients share: options, the channel's stubs, metadata.
-    Subclasses say how to open the channel (``grpc`` or ``grpc.aio``)."""
+    Subclasses say how to open the channel (``grpc`` or ``grpc.aio``).
+
+    Security: ``tls=True`` uses TLS with the system's root certificates, ``ca_file`` (a PEM file,
+    implies TLS) with those instead; ``cert_file`` and ``key_file`` present a client certificate
+    (mutual TLS). ``token`` is sent as ``authorization: Bearer TOKEN`` with every call.
+    ``credentials`` (any ``grpc.ChannelCredentials``) replaces the TLS options."""
 
     def __init__(
         self,
@@ -224,11 +296,24 @@ class ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         metadata: Metadata = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        credentials, self._auth_metadata = connection_security(
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token=token,
+            credentials=credentials,
+        )
         self._channel: Any = self._open(
             target, credentials, channel_options(max_message_bytes, options)
         )
@@ -245,5 +330,5 @@ class ClientBase:
 
     def _metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...] | None:
         """The client's metadata plus the call's (e.g. an ``x-request-id``)."""
-        merged = self.metadata + tuple(extra or ())
+        merged = self._auth_metadata + self.metadata + tuple(extra or ())
         return merged or None

@@ -10,8 +10,8 @@
      +-- UnavailableError        UNAVAILABLE: the server cannot be reached (or is shutting down)
 
 A raw ``grpc.RpcError`` never escapes the client. Where the cause is recognisable (nothing listens
-at the target, the target speaks HTTP/1 rather than gRPC, its host does not resolve), ``.hint`` says
-what to check, and ``str(err)`` ends with it.
+at the target, the target speaks HTTP/1 rather than gRPC, its host does not resolve, client and
+server disagree on TLS or certificates), ``.hint`` says what to check, and ``str(err)`` ends with it.
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ _BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
 }
 
 
-# What gRPC's connection errors say (its wording, matched loosely), and what to check.
-_CONNECT_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+# What gRPC's connection errors say (its wording, matched loosely), and what to check. Each needle
+# is a substring, or a tuple of substrings that must all be there.
+_Needle = str | tuple[str, ...]
+_CONNECT_HINTS: tuple[tuple[tuple[_Needle, ...], str], ...] = (
     (
         ("connection refused",),
         "is the server running at {target}? Start one with: normserve serve --address {target}",
@@ -102,9 +104,34 @@ _CONNECT_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
         ),
         "the host of {target} does not resolve: check --target (or NORMSERVE_TARGET)",
     ),
+    # TLS: the wording of grpc's BoringSSL errors, most specific first
+    (
+        ("wrong_version_number",),
+        "{target} does not speak TLS: connect without --tls/--ca-file (Python: no tls/ca_file), "
+        "or serve TLS there (normserve serve --tls-cert ... --tls-key ...)",
+    ),
+    (
+        ("certificate_verify_failed", "unable to get local issuer certificate"),
+        "the certificate of {target} is not signed by a CA this client trusts: pass the CA that "
+        "signed it with --ca-file (env NORMSERVE_CA_FILE; Python: ca_file=...)",
+    ),
+    (
+        ("hostname verification",),
+        "the certificate of {target} does not name that host: connect by a name or address in "
+        "its subject alternative names",
+    ),
+    (
+        # only while connecting: a call cut short by a server that stops says "socket closed" too
+        (("failed to connect", "socket closed"), ("failed to connect", "connection reset")),
+        "{target} closed the connection while it was being set up: a TLS server closes it on "
+        "a client without TLS (use --tls or --ca-file), a mutual-TLS server on one without a "
+        "client certificate signed by the CA it trusts (--cert-file and --key-file)",
+    ),
     (
         ("ssl", "tls", "handshake"),
-        "the TLS handshake with {target} failed: check that client and server agree on TLS",
+        "the TLS handshake with {target} failed: check that client and server agree on TLS "
+        "(--tls, --ca-file) and, under mutual TLS, the client certificate (--cert-file, "
+        "--key-file)",
     ),
 )
 
@@ -116,8 +143,9 @@ def connect_hint(code: grpc.StatusCode, details: str, target: str | None) -> str
         return ""
     lowered = details.lower()
     for needles, hint in _CONNECT_HINTS:
-        if any(n in lowered for n in needles):
-            return hint.format(target=target)
+        for needle in needles:
+            if all(part in lowered for part in ((needle,) if isinstance(needle, str) else needle)):
+                return hint.format(target=target)
     return ""
 
 

@@ -1,5 +1,8 @@
 """``RemoteBatchNorm1d/2d/3d``: drop-in ``torch.nn.BatchNorm*d`` whose statistics live on a server.
 
+``client`` is a ``Client`` or a target; with a target, ``tls``, ``ca_file``, ``cert_file``,
+``key_file`` and ``token`` secure the connection as ``Client``'s arguments of the same names do.
+
 The running statistics are a server session's; weight and bias are ordinary local parameters. The
 server normalizes (x - mean) / sqrt(var + eps) and the affine transform runs locally under autograd.
 Gradients with respect to the input are computed locally from the normalized output and the
@@ -68,15 +71,35 @@ class _RemoteBatchNorm(nn.Module):
         client: Client | str = DEFAULT_TARGET,
         session_id: str = "",
         server_device: str = "",
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__()
+        given = tls or ca_file or cert_file or key_file or token is not None
+        if isinstance(client, Client) and given:
+            raise ValueError(
+                "tls, ca_file, cert_file, key_file and token configure the connection to a "
+                "target: give them to the Client you pass, or pass its target instead"
+            )
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
         self._owns_client = not isinstance(client, Client)
-        self.client = Client(client) if isinstance(client, str) else client
+        if isinstance(client, str):
+            client = Client(
+                client,
+                tls=tls,
+                ca_file=ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+                token=token,
+            )
+        self.client = client
         info = self.client.create_session(
             num_features,
             session_id=session_id,

@@ -32,6 +32,10 @@ class Client(c.ClientBase):
     ``NormserveError`` subclasses carrying the gRPC status code and the server's message. Batches
     larger than ``chunk_bytes`` are streamed in chunks transparently.
 
+    A secured server: ``Client(target, ca_file="ca.pem", token=token)`` (TLS trusting that CA,
+    a bearer token with every call); ``cert_file``/``key_file`` add a client certificate (mutual
+    TLS), ``tls=True`` trusts the system's root certificates.
+
     >>> with Client("127.0.0.1:50051") as client:
     ...     s = client.create_session(64)
     ...     y = client.normalize(s.session_id, torch.randn(32, 64, 8, 8)).output

@@ -88,8 +88,26 @@ class _Like:
         return t if self.device.type == "cpu" else t.to(self.device)
 
 
+#: What a message of ``chunk_bytes`` leaves for everything but its tensor's data: the server
+#: refuses a call whose answer (data, 8 bytes a feature of statistics, and 4 KiB it reserves for
+#: headers) would pass its --max-message-bytes, and a request's own header (ids, shape) is far
+#: smaller. So a client whose ``chunk_bytes`` equals the server's --max-message-bytes sends chunks
+#: of ``chunk_bytes - CHUNK_MARGIN_BYTES - 8 * features`` bytes of data, whose requests and
+#: answers both fit. (Sizes under twice the margin, below any server's smallest limit, are taken
+#: as data sizes, for tests and tiny rows.)
+CHUNK_MARGIN_BYTES = 4096
+
+
+def payload_bytes(x: torch.Tensor, chunk_bytes: int) -> int:
+    """The most data bytes of ``x`` one message of ``chunk_bytes`` carries (see above)."""
+    if chunk_bytes < 2 * CHUNK_MARGIN_BYTES:
+        return chunk_bytes
+    features = x.shape[1] if x.dim() > 1 else 0
+    return chunk_bytes - CHUNK_MARGIN_BYTES - 8 * features
+
+
 def fits_unary(x: torch.Tensor, chunk_bytes: int) -> bool:
-    return x.numel() * x.element_size() <= chunk_bytes
+    return x.numel() * x.element_size() <= payload_bytes(x, chunk_bytes)
 
 
 def normalize_request(
@@ -119,7 +137,7 @@ def normalize_result(raw: bytes, like: _Like) -> NormalizeResult:
 
 def rows_per_chunk(x: torch.Tensor, chunk_bytes: int) -> int:
     row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 1
-    return max(1, chunk_bytes // max(row_bytes, 1))
+    return max(1, payload_bytes(x, chunk_bytes) // max(row_bytes, 1))
 
 
 class StreamPlan:

@@ -49,9 +49,10 @@ EOM
       exit 1
     fi
   fi
-  echo "setup: installing $TORCH_SPEC${TORCH_INDEX:+ from $TORCH_INDEX} and normserve[dev] into $VENV" >&2
+  echo "setup: installing $TORCH_SPEC${TORCH_INDEX:+ from $TORCH_INDEX} and normserve[dev] into $VENV (a minute or two the first time)" >&2
   pip_ install --quiet "${torch_args[@]}"
   pip_ install --quiet -e "$ROOT[dev]"
+  echo "setup: done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "(CUDA " + torch.version.cuda + ")" if torch.version.cuda else "(CPU build)")' 2>/dev/null)" >&2
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -19,16 +19,25 @@ import grpc
 import torch
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from normserve.server._logging import configure_logging
 from normserve.server._metrics import Metrics, MetricsHTTPServer
+from normserve.server._reflection import enable_reflection
 from normserve.server._settings import Settings
+from normserve.server._tls import check_protected_mode, server_credentials
+from normserve.server._transport._auth import AuthInterceptor
 from normserve.server._transport._interceptors import ErrorInterceptor
 from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
 from normserve.server._transport._servicer import NormalizerServicer, handlers
-from normserve.server.service import NormalizerService, ServiceError, SessionManager
+from normserve.server.service import (
+    NormalizerService,
+    QuotaLimits,
+    ServiceError,
+    SessionManager,
+    StreamBuffers,
+    TenantQuotas,
+)
 from normserve.v1 import normserve_pb2 as pb
 
 __all__ = ["Server", "configure_process", "serve", "start_server"]
@@ -131,17 +140,38 @@ class Server:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
+        # TLS files, tokens and protected mode first: a server that must not start starts nothing
+        self._credentials, self.transport_security = server_credentials(settings)
+        self.quotas = TenantQuotas(
+            QuotaLimits(
+                settings.quota_sessions,
+                settings.quota_session_bytes,
+                settings.quota_streams,
+                settings.quota_inflight_bytes,
+                settings.quota_rps,
+            ),
+            on_reject=lambda tenant, quota: self.metrics.record_quota_rejection(tenant, quota),
+        )
+        self._auth = AuthInterceptor.from_settings(settings, self.quotas)  # tokens, or ValueError
+        self.unprotected = check_protected_mode(settings, tokens=self._auth.tokens is not None)
         self.sessions = SessionManager(
-            settings.device, settings.max_sessions, settings.session_max_features()
+            settings.device,
+            settings.max_sessions,
+            settings.session_max_features(),
+            quotas=self.quotas,
         )
         self.metrics = Metrics(registry)
         self.metrics.track_sessions(lambda: len(self.sessions))
+        self.metrics.track_quotas(self.quotas.snapshot)
         self.service = NormalizerService(
             self.sessions,
             workers=settings.workers,
             max_answer_bytes=settings.max_message_bytes,
             stream_idle_timeout=settings.stream_idle_timeout,
             stages=StageRecorder(self.metrics),
+            stream_buffers=StreamBuffers(
+                settings.max_stream_buffer_bytes, settings.max_total_stream_buffer_bytes
+            ),
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -165,8 +195,9 @@ class Server:
     async def _build(self) -> int:
         settings = self.settings
         self._grpc = grpc.aio.server(
-            # outermost first: observability sees the status the error table chose
-            interceptors=[ObservabilityInterceptor(self.metrics), ErrorInterceptor()],
+            # outermost first: observability sees the status the error table chose, and the
+            # error table the refusals of auth (which identifies the tenant, before decoding)
+            interceptors=[ObservabilityInterceptor(self.metrics), ErrorInterceptor(), self._auth],
             options=channel_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
@@ -177,12 +208,13 @@ class Server:
         self._grpc.add_registered_method_handlers(SERVICE_NAME, methods)  # type: ignore[attr-defined]
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._grpc)
         check_listen_address(settings.address)
         try:
-            port = self._grpc.add_insecure_port(settings.address)
+            if self._credentials is None:
+                port = self._grpc.add_insecure_port(settings.address)
+            else:
+                port = self._grpc.add_secure_port(settings.address, self._credentials)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -198,6 +230,14 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> Server:
+        if self.unprotected:
+            log.warning(
+                "PROTECTED MODE IS OFF (--unsafe-expose-without-auth 1): %s is reachable from "
+                "other hosts and authenticates no caller; anyone who reaches it can read, change "
+                "and delete every session. Give tokens (--auth-tokens-file) or require client "
+                "certificates (--tls-client-ca) instead",
+                self.address,
+            )
         if self.settings.metrics_address not in ("", "off"):
             self.metrics_server = MetricsHTTPServer(
                 self.settings.metrics_address, self.metrics.registry
@@ -256,8 +296,9 @@ def serve(settings: Settings | None = None) -> int:
         log.error("normserve cannot start: %s", err)
         return 2
     log.info(
-        "normserve listening on %s (device %s, %d compute workers; %s)",
+        "normserve listening on %s (%s; device %s, %d compute workers; %s)",
         server.address,
+        server.transport_security,
         server.sessions.default_device,
         settings.workers,
         f"metrics on {server.metrics_address}" if server.metrics_address else "metrics off",

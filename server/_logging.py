@@ -1,13 +1,20 @@
-"""Logging setup: plain lines by default, JSON lines with --log-format json; request ids on both."""
+"""Logging setup: plain lines by default, JSON lines with --log-format json; request ids on both.
+
+One record is one line in either format: the plain format escapes control characters (a newline
+in anything a client sent cannot start a line of its own), JSON escapes them by construction.
+Tracebacks keep their lines.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 import sys
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["JsonFormatter", "PlainFormatter", "configure_logging", "one_line"]
 
 
 class _RequestIdFilter(logging.Filter):
@@ -15,6 +22,34 @@ class _RequestIdFilter(logging.Filter):
         if not hasattr(record, "request_id"):
             record.request_id = "-"
         return True
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    return named or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters (newlines included) escaped."""
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+class PlainFormatter(logging.Formatter):
+    """``time level logger [request id] message``, one line per record (but for tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = copy.copy(record)  # other handlers see the record as it was
+        safe.message = one_line(record.message)
+        safe.request_id = one_line(str(getattr(record, "request_id", "-")))
+        return super().formatMessage(safe)
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,9 +78,7 @@ def configure_logging(level: str = "info", fmt: str = "plain") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+        handler.setFormatter(PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

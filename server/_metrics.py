@@ -22,7 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 import normserve
@@ -102,6 +102,18 @@ class _HotPath(Collector):
         self.requests = _Counters(
             "normserve_requests", "RPCs finished, by method and status code.", ("method", "code")
         )
+        self.tenant_requests = _Counters(
+            "normserve_tenant_requests",
+            'RPCs finished, by tenant and status code (tenant "": health checks, and calls '
+            "refused before their caller was known).",
+            ("tenant", "code"),
+        )
+        self.quota_rejections = _Counters(
+            "normserve_quota_rejections",
+            "Calls refused with RESOURCE_EXHAUSTED for a tenant's quota, by tenant and quota "
+            "(sessions, session_bytes, streams, inflight_bytes, rps).",
+            ("tenant", "quota"),
+        )
         self.received = _Counters(
             "normserve_received_bytes", "Serialized request bytes received, by method.", ("method",)
         )
@@ -125,6 +137,8 @@ class _HotPath(Collector):
                 self.rpc.family(),
                 self.stage.family(),
                 self.requests.family(),
+                self.tenant_requests.family(),
+                self.quota_rejections.family(),
                 self.received.family(),
                 self.sent.family(),
                 self.elements.family(),
@@ -168,11 +182,25 @@ class Metrics:
             for i in range(torch.cuda.device_count()):
                 memory.labels(f"cuda:{i}").set_function(_allocated(i))
 
-    def record_call(self, method: str, kind: str, mode: str, code: str, seconds: float) -> None:
+    def record_call(
+        self, method: str, kind: str, mode: str, code: str, seconds: float, tenant: str = ""
+    ) -> None:
         h = self.hot
         with h.lock:
             h.rpc.observe((method, kind, mode, code), seconds)
             h.requests.inc((method, code))
+            h.tenant_requests.inc((tenant, code))
+
+    def record_quota_rejection(self, tenant: str, quota: str) -> None:
+        """A call of ``tenant`` refused for its quota ``quota``."""
+        h = self.hot
+        with h.lock:
+            h.quota_rejections.inc((tenant, quota))
+
+    def track_quotas(self, usage: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """Gauges of what each tenant holds against its quotas: ``usage()`` gives, by tenant,
+        its sessions, session_bytes, streams and inflight_bytes."""
+        self.registry.register(_QuotaUsage(usage))
 
     def record_batch(
         self,
@@ -196,6 +224,38 @@ class Metrics:
         self.sessions.set_function(lambda: float(count()))
 
 
+class _QuotaUsage(Collector):
+    GAUGES = (
+        ("sessions", "normserve_tenant_sessions", "Sessions a tenant holds (--quota-sessions)."),
+        (
+            "session_bytes",
+            "normserve_tenant_session_bytes",
+            "Bytes of session state a tenant holds (--quota-session-bytes).",
+        ),
+        (
+            "streams",
+            "normserve_tenant_open_streams",
+            "NormalizeStream calls a tenant has open (--quota-streams).",
+        ),
+        (
+            "inflight_bytes",
+            "normserve_tenant_inflight_bytes",
+            "Request bytes of a tenant being processed (--quota-inflight-bytes).",
+        ),
+    )
+
+    def __init__(self, usage: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Any:
+        usage = self._usage()
+        for key, name, doc in self.GAUGES:
+            fam = GaugeMetricFamily(name, doc, labels=("tenant",))
+            for tenant, held in sorted(usage.items()):
+                fam.add_metric([tenant], float(held[key]))
+            yield fam
+
+
 def _allocated(device: int) -> Callable[[], float]:
     return lambda: float(torch.cuda.memory_allocated(device))
 
@@ -210,7 +270,10 @@ class MetricsHTTPServer:
         try:
             self._httpd, self._thread = start_http_server(int(port), host or "0.0.0.0", registry)
         except OSError as err:
-            raise OSError(f"--metrics-address: cannot listen on {address!r}: {err}") from None
+            raise OSError(
+                f"--metrics-address: cannot listen on {address!r}: {err} (another server's "
+                "metrics? choose another host:port, port 0 for a free one, or off)"
+            ) from None
         self.port = self._httpd.server_port
         self.address = f"{host}:{self.port}"
 

@@ -91,6 +91,61 @@ class Settings:
         "By default glibc maps and unmaps every buffer over 128 KiB, so each streamed chunk pays "
         "page faults on its fresh memory (measured: L TRAIN streams 98 -> 77 ms). 0: glibc's defaults",
     )
+    # ---- security: transport, identity, and limits that hold under abuse (docs/security.md)
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate chain: serve TLS (with --tls-key). The files are re-read when they "
+        "change, so a rotated certificate is used by new connections without a restart. The "
+        "metrics port stays plain HTTP",
+    )
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt(
+        "",
+        "PEM CA bundle: require client certificates signed by it (mutual TLS); re-read when it "
+        "changes",
+    )
+    auth_tokens_file: str = _opt(
+        "",
+        "file of bearer tokens, one 'TENANT TOKEN' per line ('#' comments; a token is 16-4096 "
+        "visible ASCII characters, e.g. from 'openssl rand -hex 32'): callers must send "
+        "'authorization: Bearer TOKEN' and act as its tenant. Re-read when it changes. The same "
+        "lines may come from the environment variable NORMSERVE_AUTH_TOKENS instead (never a flag: "
+        "flags show in ps)",
+    )
+    unsafe_expose_without_auth: int = _opt(
+        0,
+        "1: allow a non-loopback --address with neither tokens nor mutual TLS (protected mode "
+        "refuses to start otherwise): anyone who reaches the port can read, change and delete "
+        "every session",
+    )
+    quota_sessions: int = _opt(1000, "sessions per tenant (0: no limit)")
+    quota_session_bytes: int = _opt(
+        1 << 30,
+        "bytes of session state (running statistics, affine parameters) per tenant (0: no limit)",
+    )
+    quota_streams: int = _opt(256, "open NormalizeStream calls per tenant (0: no limit)")
+    quota_inflight_bytes: int = _opt(
+        512 << 20,
+        "bytes of a tenant's Normalize requests and stream chunks being decoded or computed at "
+        "once (0: no limit); what streams hold of unfinished batches is bounded by "
+        "--max-stream-buffer-bytes",
+    )
+    quota_rps: float = _opt(
+        10_000.0,
+        "requests per second per tenant, a token bucket of one second's burst (0: no limit)",
+    )
+    max_stream_buffer_bytes: int = _opt(
+        256 << 20,
+        "bytes one NormalizeStream may hold of a batch not yet complete: the chunks a batch that "
+        "needs its own statistics keeps until its answer is sent (each counted as its data, at "
+        "least 1 KiB). A chunk past it ends the stream with RESOURCE_EXHAUSTED, nothing of the "
+        "batch applied, its buffers freed (0: no limit)",
+    )
+    max_total_stream_buffer_bytes: int = _opt(
+        1 << 30,
+        "bytes all streams together may hold of batches not yet complete; a chunk past it ends "
+        "its stream with RESOURCE_EXHAUSTED, retry later (0: no limit)",
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("plain", "plain or json (one JSON object per line)")
 
@@ -127,6 +182,9 @@ class Settings:
 
     def validate(self) -> None:
         """Raises ValueError naming the first flag whose value cannot work."""
+        _check_host_port("--address", self.address)
+        if self.metrics_address not in ("", "off"):
+            _check_host_port("--metrics-address", self.metrics_address, " or off")
         positive = {"workers": self.workers, "max_message_bytes": self.max_message_bytes}
         for name, value in positive.items():
             if value < 1:
@@ -142,6 +200,13 @@ class Settings:
             "keepalive_seconds",
             "max_connection_idle_seconds",
             "max_connection_age_seconds",
+            "quota_sessions",
+            "quota_session_bytes",
+            "quota_streams",
+            "quota_inflight_bytes",
+            "quota_rps",
+            "max_stream_buffer_bytes",
+            "max_total_stream_buffer_bytes",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0")
@@ -155,6 +220,8 @@ class Settings:
             )
         if self.log_format not in ("plain", "json"):
             raise ValueError(f"--log-format: expected plain or json, got {self.log_format!r}")
+        if (unsafe := self.unsafe_expose_without_auth) not in (0, 1):
+            raise ValueError(f"--unsafe-expose-without-auth: expected 0 or 1, got {unsafe}")
 
     def session_max_features(self) -> int:
         """--max-features, or the most whose session fits one message."""
@@ -162,6 +229,18 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _check_host_port(flag: str, address: str, alternatives: str = "") -> None:
+    """``host:port`` with a port in 0-65535 (gRPC would wrap a larger one around, or take a missing
+    one for 443)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host.strip("[]"):
+        raise ValueError(
+            f"{flag}: expected host:port{alternatives} (e.g. 127.0.0.1:50051), got {address!r}"
+        )
+    if int(port) > 65535:
+        raise ValueError(f"{flag}: port must be 0-65535 (0 picks a free one), got {port}")
 
 
 def _type(f: dataclasses.Field[Any]) -> Any:

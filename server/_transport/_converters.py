@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import torch
@@ -18,6 +19,8 @@ from normserve.server.service import (
     Session,
     SessionConfig,
     SessionState,
+    check_session_id,
+    shown,
 )
 from normserve.v1 import normserve_pb2 as pb
 from normserve.wire import tensor_from_proto, tensor_to_proto
@@ -25,6 +28,9 @@ from normserve.wire import tensor_from_proto, tensor_to_proto
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM, pb.NORM_KIND_BATCH_NORM: Kind.BATCH_NORM}
 _KINDS_OUT = {Kind.BATCH_NORM: pb.NORM_KIND_BATCH_NORM}
 _MODES: dict[int, Mode] = {pb.MODE_TRAIN: Mode.TRAIN, pb.MODE_EVAL: Mode.EVAL}
+#: What a state_dict key may look like: longer or stranger names are refused before any message
+#: echoes them.
+_KEY = re.compile(r"[A-Za-z0-9_.]{1,64}")
 
 
 def mode(value: int, field: str = "mode") -> Mode:
@@ -42,6 +48,11 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         got = pb.NormKind.Name(msg.kind) if msg.kind in pb.NormKind.values() else str(msg.kind)
         raise InvalidArgument(
             "config.kind", f"unsupported kind {got}; this server implements NORM_KIND_BATCH_NORM"
+        )
+    if len(msg.device) > 32:  # no device name is longer: refused before any message repeats it
+        raise InvalidArgument(
+            "config.device",
+            f"unknown device {shown(msg.device, 32)}; expected auto, cpu, cuda or cuda:N",
         )
     cfg = SessionConfig(
         num_features=msg.num_features,
@@ -111,6 +122,11 @@ def session(s: Session, with_tensors: bool = True, state: SessionState | None = 
 def state_entries(entries: list[pb.NamedTensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for i, entry in enumerate(entries):
+        if not _KEY.fullmatch(entry.name):
+            raise InvalidArgument(
+                f"entries[{i}].name",
+                f"not a state_dict key (1-64 characters of [A-Za-z0-9_.]): {shown(entry.name)}",
+            )
         if entry.name in out:
             raise InvalidArgument(f"entries[{i}].name", f"duplicate key {entry.name!r}")
         out[entry.name] = tensor_from_proto(entry.tensor, f"entries[{entry.name!r}].tensor")
@@ -127,7 +143,9 @@ def export_response(state: dict[str, torch.Tensor], version: int) -> pb.ExportSt
 def normalize_call(raw: bytes) -> NormalizeCall:
     """A NormalizeRequest's bytes -> the service's call (the tensor decoded on demand)."""
     req = wire.parse_normalize_request(raw)
-    return NormalizeCall(req.session_id, lambda: mode(req.mode), req.tensor, req.statistics_only)
+    return NormalizeCall(
+        req.session_id, lambda: mode(req.mode), req.tensor, req.statistics_only, len(raw)
+    )
 
 
 def normalize_response(r: NormalizeResult) -> bytes:
@@ -135,11 +153,14 @@ def normalize_response(r: NormalizeResult) -> bytes:
     return wire.encode_normalize_response(r.output, r.mean, r.var, r.version, r.batch_statistics)
 
 
-async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
-    """NormalizeStreamRequest bytes -> the service's chunks."""
+async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[Chunk, int]]:
+    """NormalizeStreamRequest bytes -> the service's chunks, each with its size. A session id
+    that a chunk names is checked here, so that no message ever echoes a malformed one."""
     async for raw in requests:
         req = wire.parse_stream_request(raw)
-        yield Chunk(
+        if req.session_id:
+            check_session_id(req.session_id)
+        chunk = Chunk(
             req.session_id,
             req.mode,
             req.end_of_batch,
@@ -147,6 +168,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
             req.tensor if req.has_tensor else None,
             mode,
         )
+        yield chunk, len(raw)
 
 
 def stream_answer(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from normserve.server._transport._context import current_request_id
 from normserve.server.service import (
@@ -23,6 +24,7 @@ from normserve.server.service import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unauthenticated,
 )
 from normserve.wire import TensorFormatError
 
@@ -45,6 +47,9 @@ ERROR_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    # a message of another service (health, reflection) that protobuf cannot parse
+    DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
     ServiceError: grpc.StatusCode.UNKNOWN,
 }
 
@@ -84,17 +89,58 @@ def wrap_handler(
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **ser)
 
 
-async def _abort(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def _status(
+    exc: BaseException, context: grpc.aio.ServicerContext, method: str
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None:
     if context.cancelled():
-        return  # the client is gone: its requests ending early is no error, and nobody listens
+        return None  # the client is gone: its requests ending early is no error, nobody listens
     code, message = status_for(exc)
     request_id = current_request_id()
     if code is grpc.StatusCode.INTERNAL:
         log.error("unexpected error in %s", method, exc_info=exc, extra={"request_id": request_id})
         message = f"{message} (request id {request_id})"
-    # grpc.aio's abort sends its own trailing metadata argument, replacing any set before
-    trailing = (("x-request-id", request_id),) if request_id else ()
-    await context.abort(code, message, trailing)
+    return code, message, ((("x-request-id", request_id),) if request_id else ())
+
+
+async def _abort(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    status = _status(exc, context, method)
+    if status is not None:
+        # grpc.aio's abort sends its own trailing metadata argument, replacing any set before
+        await context.abort(*status)
+
+
+def _end_stream(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    """A streaming call's status, set for the handler to return with: grpc.aio's abort leaks
+    ~2 KB of native memory per call when client messages are still unread (measured)."""
+    status = _status(exc, context, method)
+    if status is not None:
+        code, message, trailing = status
+        context.set_code(code)
+        context.set_details(message)
+        context.set_trailing_metadata(trailing)
+
+
+class _Unparsed:
+    """A request protobuf could not parse, handed to the behavior to refuse (grpc would answer a
+    raising deserializer with UNKNOWN and the exception's text, before any interceptor runs)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (DecodeError, RuntimeWarning, ValueError) as err:
+            return _Unparsed(str(err) or type(err).__name__)
+
+    return parse
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
@@ -130,6 +176,8 @@ class ErrorInterceptor(WrappingInterceptor):
         def unary(fn: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if isinstance(request, _Unparsed):
+                        raise InvalidArgument("request", f"not a valid message ({request.error})")
                     return await fn(request, context)
                 except grpc.aio.AbortError:
                     raise  # already a status
@@ -146,13 +194,18 @@ class ErrorInterceptor(WrappingInterceptor):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 try:
+                    if isinstance(request, _Unparsed):
+                        raise InvalidArgument("request", f"not a valid message ({request.error})")
                     async for item in fn(request, context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await _abort(exc, context, method)
+                    _end_stream(exc, context, method)
 
             return behavior
 
-        return wrap_handler(handler, unary, streaming)
+        # one request message: parsed tolerantly, refused above (a stream's requests are parsed
+        # as they are read, inside the behavior, and DecodeError has its row in the table)
+        tolerant = None if handler.request_streaming else _tolerant(handler.request_deserializer)
+        return wrap_handler(handler, unary, streaming, request_deserializer=tolerant)

@@ -12,6 +12,7 @@ import contextvars
 import inspect
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -37,11 +38,25 @@ _COUNTER = itertools.count(1)
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
+#: A client's request id is kept only if it is this: it goes into every log line of the call,
+#: where a newline would forge a line of its own.
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
+        if key == REQUEST_ID_KEY:
+            if isinstance(value, str) and SAFE_REQUEST_ID.fullmatch(value):
+                return value
+            generated = f"{_PREFIX}-{next(_COUNTER):x}"
+            log.info(
+                "the client's x-request-id (%d characters) is not 1-128 of [A-Za-z0-9._:/-]; "
+                "this call's id is %s instead",
+                len(value),
+                generated,
+                extra={"request_id": generated},
+            )
+            return generated
     return f"{_PREFIX}-{next(_COUNTER):x}"
 
 
@@ -72,7 +87,7 @@ class ObservabilityInterceptor(WrappingInterceptor):
                     code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
             name = code.name
             if m is not None:
-                m.record_call(method, call.kind, call.mode, name, elapsed)
+                m.record_call(method, call.kind, call.mode, name, elapsed, call.tenant)
             if code is grpc.StatusCode.OK:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(

@@ -1,5 +1,7 @@
 """The gRPC servicer (grpc.aio): each RPC converts its message, makes one service call, converts
-back. Errors are raised as service errors; the error interceptor turns them into statuses."""
+back. Errors are raised as service errors; the error interceptor turns them into statuses. Every
+call acts as the tenant the auth interceptor identified (``_tenant``): the facade's view of that
+tenant's sessions and quotas."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from normserve.server._transport import _converters as conv
+from normserve.server._transport._context import current_tenant
 from normserve.server.service import IncompleteStream, InvalidArgument, NormalizerService
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
@@ -27,23 +30,27 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
     def __init__(self, service: NormalizerService) -> None:
         self.service = service
 
+    def _as_caller(self) -> NormalizerService:
+        """The service as the calling tenant sees it."""
+        return self.service.for_tenant(current_tenant())
+
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
     ) -> pb.CreateSessionResponse:
         cfg, weight, bias = conv.config(request.config)
-        s = self.service.create_session(cfg, request.session_id, weight, bias)
+        s = self._as_caller().create_session(cfg, request.session_id, weight, bias)
         return pb.CreateSessionResponse(session=conv.session(s))
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
-        s = self.service.get_session(request.session_id)
+        s = self._as_caller().get_session(request.session_id)
         return pb.GetSessionResponse(session=conv.session(s, not request.omit_tensors))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        page, token = self.service.list_sessions(request.page_size, request.page_token)
+        page, token = self._as_caller().list_sessions(request.page_size, request.page_token)
         return pb.ListSessionsResponse(
             sessions=[conv.session(s, with_tensors=False) for s in page], next_page_token=token
         )
@@ -51,38 +58,40 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
-        self.service.delete_session(request.session_id)
+        self._as_caller().delete_session(request.session_id)
         return pb.DeleteSessionResponse()
 
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: Context
     ) -> pb.ResetSessionResponse:
-        s, state = self.service.reset_session(request.session_id)
+        s, state = self._as_caller().reset_session(request.session_id)
         return pb.ResetSessionResponse(session=conv.session(s, state=state))
 
     async def ExportState(
         self, request: pb.ExportStateRequest, context: Context
     ) -> pb.ExportStateResponse:
-        return conv.export_response(*self.service.export_state(request.session_id))
+        return conv.export_response(*self._as_caller().export_state(request.session_id))
 
     async def ImportState(
         self, request: pb.ImportStateRequest, context: Context
     ) -> pb.ImportStateResponse:
         entries = conv.state_entries(list(request.entries))
-        s, state = self.service.import_state(request.session_id, entries, request.strict)
+        s, state = self._as_caller().import_state(request.session_id, entries, request.strict)
         return pb.ImportStateResponse(session=conv.session(s, state=state))
 
     # The two methods that carry tensors take and return raw bytes: normserve.wire reads them
     # zero-copy and writes them with one copy (see handlers()).
 
     async def Normalize(self, request: bytes, context: Context) -> bytes:
-        return await self.service.normalize(conv.normalize_call(request), conv.normalize_response)
+        return await self._as_caller().normalize(
+            conv.normalize_call(request), conv.normalize_response
+        )
 
     async def NormalizeStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
         try:
-            async for answer in self.service.stream(
+            async for answer in self._as_caller().stream(
                 conv.stream_chunks(request_iterator), conv.stream_answer
             ):
                 yield answer

@@ -4,7 +4,8 @@ It could sit behind any transport: ``NormalizerService`` (the facade) takes and 
 Python values and torch tensors, and raises the ``ServiceError`` hierarchy (see ``_errors``).
 Layout: ``kinds`` (each normalization's math behind one interface), ``_session`` (ordering and
 commits, kind-agnostic), ``_store`` (where state is kept), ``_chunked`` and ``_stream`` (batches
-that arrive in chunks), ``_manager`` (the registry), ``_facade`` (what a transport calls).
+that arrive in chunks), ``_manager`` (the registry, a namespace per tenant), ``_quotas`` (what each tenant may hold),
+``_facade`` (what a transport calls).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from normserve.server.service._errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unauthenticated,
 )
 from normserve.server.service._facade import (
     Chunk,
@@ -36,15 +38,30 @@ from normserve.server.service._facade import (
     StageObserver,
     StreamEncoder,
 )
-from normserve.server.service._manager import SessionManager
+from normserve.server.service._manager import (
+    SessionManager,
+    check_session_id,
+    shown,
+    state_bytes,
+)
+from normserve.server.service._quotas import (
+    DEFAULT_TENANT,
+    QUOTAS,
+    QuotaExceeded,
+    QuotaLimits,
+    TenantQuotas,
+)
 from normserve.server.service._session import NormalizeResult, Session
 from normserve.server.service._state import MAX_BATCHES_TRACKED, SessionState
 from normserve.server.service._store import Conflict, MemoryStore, StateStore
+from normserve.server.service._stream import StreamBuffers
 
 __all__ = [
     "ANSWER_OVERHEAD_BYTES",
     "DEFAULT_MAX_FEATURES",
+    "DEFAULT_TENANT",
     "MAX_BATCHES_TRACKED",
+    "QUOTAS",
     "AlreadyExists",
     "Chunk",
     "ChunkedBatch",
@@ -60,6 +77,8 @@ __all__ = [
     "NormalizeResult",
     "NormalizerService",
     "NotFound",
+    "QuotaExceeded",
+    "QuotaLimits",
     "ResourceExhausted",
     "ServiceError",
     "Session",
@@ -68,7 +87,13 @@ __all__ = [
     "SessionState",
     "StageObserver",
     "StateStore",
+    "StreamBuffers",
     "StreamEncoder",
+    "TenantQuotas",
+    "Unauthenticated",
+    "check_session_id",
     "max_features_for",
     "resolve_device",
+    "shown",
+    "state_bytes",
 ]

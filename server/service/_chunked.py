@@ -27,13 +27,28 @@ class ChunkedBatch:
         self.mode = mode
         self.statistics_only = statistics_only
         self._t_compute = 0.0
-        self._first: torch.Tensor | None = None
+        # the first chunk's dtype and trailing dims, not the chunk: a batch keeps no chunk it
+        # does not count against the stream's buffer bounds
+        self._first: tuple[torch.dtype, torch.Size] | None = None
         self._rows = 0
         self._chunks: list[torch.Tensor] = []
         self._partial: Any = None
         self._prepared: Any = None
         self._state = session.state
         self._batch_stats = session.kind.uses_batch_statistics(mode)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        """Whether ``add`` keeps each chunk until the batch's end (its output needs the batch's
+        own statistics); the stream counts those bytes against its buffer bounds."""
+        return self._batch_stats and not self.statistics_only
+
+    def discard(self) -> None:
+        """Drops what the batch holds (the batch is abandoned; the session never saw it)."""
+        self._chunks = []
+        self._first = None
+        self._partial = None
+        self._prepared = None
 
     def add(self, x: torch.Tensor, field: str = "chunk") -> torch.Tensor | None:
         """Validates one chunk against the first and folds its statistics in. A pipelined batch
@@ -44,19 +59,20 @@ class ChunkedBatch:
         s.check_input(x, field)
         first = self._first
         if first is None:
-            self._first = x
+            self._first = (x.dtype, x.shape[1:])
         else:
-            if x.dtype != first.dtype:
+            dtype, tail = first
+            if x.dtype != dtype:
                 raise InvalidArgument(
                     f"{field}.dtype",
-                    f"chunks of one batch must share a dtype: expected {str(first.dtype)[6:]}, "
+                    f"chunks of one batch must share a dtype: expected {str(dtype)[6:]}, "
                     f"got {str(x.dtype)[6:]}",
                 )
-            if x.shape[1:] != first.shape[1:]:
+            if x.shape[1:] != tail:
                 raise InvalidArgument(
                     f"{field}.shape",
                     f"chunks of one batch may differ only in dim 0: expected "
-                    f"[*, {', '.join(str(d) for d in first.shape[1:])}], got {describe(x.shape)}",
+                    f"[*, {', '.join(str(d) for d in tail)}], got {describe(x.shape)}",
                 )
         if x.device != s.device:
             x = x.to(s.device)
@@ -64,7 +80,7 @@ class ChunkedBatch:
         out = None
         if self._batch_stats:
             self._partial = s.kind.chunk_statistics(x, self._partial)
-            if not self.statistics_only:
+            if self.keeps_chunks:
                 self._chunks.append(x)
         else:
             s.check_finite_input(x, field)
@@ -88,7 +104,7 @@ class ChunkedBatch:
             raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
         t0 = time.perf_counter()
         s, kind, mode = self.session, self.session.kind, self.mode
-        shape = [self._rows, *first.shape[1:]]
+        shape = [self._rows, *first[1]]
         empty = self._partial is None  # no values at all: an empty batch, as torch allows
         if not self._batch_stats:
             st = self._state
@@ -112,7 +128,7 @@ class ChunkedBatch:
             s.check_step(step, "chunk", empty)
             result = s.result(step, self._state.version, True, 0.0, t0)
         self._t_compute += result.compute_seconds
-        n = len(self._chunks) if self._batch_stats and not self.statistics_only else 0
+        n = len(self._chunks) if self.keeps_chunks else 0
         return replace(result, compute_seconds=self._t_compute), n
 
     def outputs(self) -> Iterator[torch.Tensor]:

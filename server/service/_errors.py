@@ -8,6 +8,7 @@ ServiceError
  +-- FailedPrecondition  valid, but not in this server's state (e.g. CUDA asked, none here)
  +-- ResourceExhausted   a server limit (session count, message size) is reached
  +-- IdleTimeout         a stream sent nothing for the server's idle timeout
+ +-- Unauthenticated     a caller without a valid credential (a transport's check)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
 ]
 
 
@@ -58,4 +60,8 @@ class ResourceExhausted(ServiceError):
 
 
 class IdleTimeout(ServiceError):
+    pass
+
+
+class Unauthenticated(ServiceError):
     pass

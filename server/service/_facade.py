@@ -2,8 +2,10 @@
 
 A transport converts its message, makes one call here, converts back. What is not the transport's
 lives here, so a second transport gets it for free: lookups, the answer-size check (nothing is
-applied that cannot be answered), where compute runs, stage timing, and the chunk protocol of
-streams (``_stream``).
+applied that cannot be answered), where compute runs, stage timing, the chunk protocol of
+streams (``_stream``), and tenants: ``for_tenant(name)`` is the facade as that tenant sees it
+(its own sessions, its quotas of open streams and in-flight bytes); the facade constructed is the
+default tenant's.
 
 Concurrency: the facade is asyncio. Tensor work runs on a bounded thread pool (``workers``), so a
 call waiting for the network (an idle stream, a client sending slowly) holds no thread; small
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import functools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -29,9 +32,10 @@ import torch
 from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
 from normserve.server.service._errors import ResourceExhausted
 from normserve.server.service._manager import SessionManager
+from normserve.server.service._quotas import TenantQuotas
 from normserve.server.service._session import Busy, NormalizeResult, Session
 from normserve.server.service._state import SessionState
-from normserve.server.service._stream import Chunk, StreamEncoder, serve_stream
+from normserve.server.service._stream import Chunk, StreamBuffers, StreamEncoder, serve_stream
 
 __all__ = [
     "Chunk",
@@ -45,6 +49,8 @@ T = TypeVar("T")
 
 #: Calls whose input is at most this many bytes and that change nothing run on the event loop.
 INLINE_BYTES = 64 * 1024
+#: Tenant views kept (tenants come from the server's token table: a handful).
+MAX_VIEWS = 4096
 
 
 class StageObserver(Protocol):
@@ -75,12 +81,15 @@ class _NoStages:
 
 @dataclass(frozen=True)
 class NormalizeCall:
-    """One unary normalization; ``tensor`` decodes the input (timed as the decode stage)."""
+    """One unary normalization; ``tensor`` decodes the input (timed as the decode stage).
+    ``nbytes``, the request's size, counts against the tenant's in-flight bytes until the answer
+    is encoded."""
 
     session_id: str
     mode: Callable[[], Mode]
     tensor: Callable[[], torch.Tensor]
     statistics_only: bool = False
+    nbytes: int = 0
 
 
 class NormalizerService:
@@ -94,12 +103,36 @@ class NormalizerService:
         max_answer_bytes: int = 16 * 1024 * 1024,
         stream_idle_timeout: float = 60.0,
         stages: StageObserver | None = None,
+        stream_buffers: StreamBuffers | None = None,
     ) -> None:
         self.sessions = sessions
         self.max_answer_bytes = max_answer_bytes
         self.stream_idle_timeout = stream_idle_timeout
+        self.stream_buffers = stream_buffers or StreamBuffers()
         self.stages: StageObserver = stages or _NoStages()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
+        self._views: dict[str, NormalizerService] = {}
+
+    @property
+    def tenant(self) -> str:
+        return self.sessions.tenant
+
+    @property
+    def quotas(self) -> TenantQuotas:
+        return self.sessions.quotas
+
+    def for_tenant(self, tenant: str) -> NormalizerService:
+        """This facade as ``tenant`` sees it: its sessions and quotas, the same compute pool."""
+        if tenant == self.tenant:
+            return self
+        view = self._views.get(tenant)
+        if view is None:
+            if len(self._views) >= MAX_VIEWS:
+                self._views.clear()
+            view = copy.copy(self)
+            view.sessions = self.sessions.for_tenant(tenant)
+            self._views[tenant] = view
+        return view
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -158,7 +191,18 @@ class NormalizerService:
             )
 
     async def normalize(self, call: NormalizeCall, encode: Callable[[NormalizeResult], T]) -> T:
-        """One batch: look up, decode, check, compute (inline or on the pool), encode."""
+        """One batch: look up, decode, check, compute (inline or on the pool), encode; its bytes
+        count against the tenant's in-flight quota meanwhile."""
+        if not call.nbytes:
+            return await self._normalize(call, encode)
+        quotas, tenant = self.quotas, self.tenant
+        quotas.acquire_inflight(tenant, call.nbytes)
+        try:
+            return await self._normalize(call, encode)
+        finally:
+            quotas.release_inflight(tenant, call.nbytes)
+
+    async def _normalize(self, call: NormalizeCall, encode: Callable[[NormalizeResult], T]) -> T:
         t0 = perf_counter()
         session = self.sessions.get(call.session_id)
         mode = call.mode()
@@ -193,6 +237,44 @@ class NormalizerService:
         trained = session.kind.updates_running(mode)
         self.stages.batch(method, session.config.kind.value, mode.value, stages, elements, trained)
 
-    def stream(self, chunks: AsyncIterator[Chunk], encoder: StreamEncoder[T]) -> AsyncIterator[T]:
-        """Many batches on one stream, chunked along dim 0; see ``_stream.serve_stream``."""
-        return serve_stream(self, chunks, encoder)
+    async def stream(
+        self, chunks: AsyncIterator[tuple[Chunk, int]], encoder: StreamEncoder[T]
+    ) -> AsyncIterator[T]:
+        """Many batches on one stream, chunked along dim 0; see ``_stream.serve_stream``. Each
+        chunk comes with the bytes it arrived in, counted against the tenant's in-flight quota
+        while it is processed; the stream itself holds one of the tenant's open streams."""
+        quotas, tenant = self.quotas, self.tenant
+        quotas.open_stream(tenant)
+        metered = _Metered(chunks, quotas, tenant)
+        try:
+            async for answer in serve_stream(self, metered, encoder):
+                yield answer
+        finally:
+            metered.release()
+            quotas.close_stream(tenant)
+
+
+class _Metered:
+    """Chunks of a stream, each counted in flight from its arrival until the next is asked for
+    (by then it is computed; what a batch keeps of it is the stream's buffer, bounded apart)."""
+
+    def __init__(
+        self, chunks: AsyncIterator[tuple[Chunk, int]], quotas: TenantQuotas, tenant: str
+    ) -> None:
+        self._chunks, self._quotas, self._tenant = chunks, quotas, tenant
+        self._held = 0
+
+    def __aiter__(self) -> _Metered:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        self.release()
+        chunk, nbytes = await anext(self._chunks)
+        self._quotas.acquire_inflight(self._tenant, nbytes)
+        self._held = nbytes
+        return chunk
+
+    def release(self) -> None:
+        if self._held:
+            self._quotas.release_inflight(self._tenant, self._held)
+            self._held = 0

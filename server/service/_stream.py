@@ -5,11 +5,17 @@ statistics, then the output chunks, in batch order. A batch that needs its own s
 answered after its last chunk; one that does not (EVAL with running statistics) is answered chunk
 by chunk as they arrive, so its transfers overlap. A stream that sends nothing for the idle
 timeout is ended, its partial batch discarded.
+
+Memory: the chunks a batch keeps until its end (those that need the batch's own statistics) are
+counted in ``StreamBuffers``, per stream and for all streams together. A chunk that would pass
+either bound ends its stream with ResourceExhausted; whatever way a stream ends (refused,
+cancelled, idle, failed, finished), its share is given back and its chunks dropped at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from time import perf_counter
@@ -18,16 +24,104 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 import torch
 
 from normserve.server.service._config import Mode
-from normserve.server.service._errors import IdleTimeout, IncompleteStream, InvalidArgument
+from normserve.server.service._errors import (
+    IdleTimeout,
+    IncompleteStream,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from normserve.server.service._manager import shown
 from normserve.server.service._session import NormalizeResult
 
 if TYPE_CHECKING:
     from normserve.server.service._chunked import ChunkedBatch
     from normserve.server.service._facade import NormalizerService
 
-__all__ = ["Chunk", "StreamEncoder", "serve_stream"]
+__all__ = [
+    "DEFAULT_MAX_STREAM_BUFFER_BYTES",
+    "DEFAULT_MAX_TOTAL_STREAM_BUFFER_BYTES",
+    "MIN_CHUNK_BYTES",
+    "Chunk",
+    "StreamBuffers",
+    "StreamEncoder",
+    "StreamShare",
+    "serve_stream",
+]
 
 T = TypeVar("T")
+
+#: The server's defaults (--max-stream-buffer-bytes, --max-total-stream-buffer-bytes).
+DEFAULT_MAX_STREAM_BUFFER_BYTES = 256 << 20
+DEFAULT_MAX_TOTAL_STREAM_BUFFER_BYTES = 1 << 30
+#: The least a kept chunk counts for (its tensor's bookkeeping), so that a batch of many empty
+#: chunks is bounded too.
+MIN_CHUNK_BYTES = 1024
+
+
+class StreamBuffers:
+    """The bytes streams hold of batches not yet complete, bounded per stream (``per_stream``)
+    and for all streams together (``total``); 0 is no bound. Thread-safe. Each stream holds one
+    ``StreamShare`` and gives it all back when its batch's answer is sent or the stream ends."""
+
+    def __init__(
+        self,
+        per_stream: int = DEFAULT_MAX_STREAM_BUFFER_BYTES,
+        total: int = DEFAULT_MAX_TOTAL_STREAM_BUFFER_BYTES,
+    ) -> None:
+        self.per_stream = per_stream
+        self.total = total
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Bytes all streams hold now."""
+        return self._held
+
+    def share(self) -> StreamShare:
+        return StreamShare(self)
+
+    def _take(self, share: StreamShare, nbytes: int, index: int) -> None:
+        with self._lock:
+            if self.per_stream and share.held + nbytes > self.per_stream:
+                raise ResourceExhausted(
+                    f"batch {index} of this stream would hold {share.held + nbytes} bytes before "
+                    f"its end, more than the server's --max-stream-buffer-bytes of "
+                    f"{self.per_stream}: end batches sooner (end_of_batch), or send smaller ones; "
+                    f"nothing of batch {index} was applied"
+                )
+            if self.total and self._held + nbytes > self.total:
+                raise ResourceExhausted(
+                    f"the streams on this server hold as much of batches not yet complete as its "
+                    f"--max-total-stream-buffer-bytes of {self.total} allows: retry later; "
+                    f"nothing of batch {index} was applied"
+                )
+            self._held += nbytes
+            share.held += nbytes
+
+    def _give_back(self, share: StreamShare) -> None:
+        with self._lock:
+            self._held -= share.held
+            share.held = 0
+
+
+class StreamShare:
+    """What one stream holds of ``StreamBuffers``."""
+
+    __slots__ = ("_buffers", "held")
+
+    def __init__(self, buffers: StreamBuffers) -> None:
+        self._buffers = buffers
+        self.held = 0
+
+    def take(self, nbytes: int, index: int) -> None:
+        """Counts ``nbytes`` more for batch ``index``, or raises ResourceExhausted (nothing taken)."""
+        self._buffers._take(self, nbytes, index)
+
+    def release(self) -> None:
+        """Gives back all this stream holds (idempotent)."""
+        if self.held:
+            self._buffers._give_back(self)
 
 
 @dataclass(frozen=True)
@@ -64,63 +158,80 @@ async def _next(it: AsyncIterator[Chunk], timeout: float, index: int, open_batch
 async def serve_stream(
     service: NormalizerService, chunks: AsyncIterator[Chunk], encode: StreamEncoder[T]
 ) -> AsyncIterator[T]:
+    share = service.stream_buffers.share()
     batch: ChunkedBatch | None = None
+    req: Chunk | None = None
+    x: torch.Tensor | None = None
+    out: torch.Tensor | None = None
     header: tuple[str, int, bool] = ("", 0, False)
     index = 0
     decode = encode_s = 0.0
     elements = sent = 0
     compute = service.compute
-    while True:
-        try:
-            req = await _next(chunks, service.stream_idle_timeout, index, batch is not None)
-        except StopAsyncIteration:
-            break
-        t0 = perf_counter()
-        if batch is None:
-            header = (req.session_id, req.mode, req.statistics_only)
-            session = service.sessions.get(req.session_id)
-            mode = req.to_mode(req.mode)
-            service.stages.label(session.config.kind.value, mode.value)
-            batch = session.start_batch(mode, req.statistics_only)
-            decode = encode_s = 0.0
-            elements = sent = 0
-        else:
-            _check_header(req, header, index)
-        if req.tensor is not None:
-            x = req.tensor()
-            decode += perf_counter() - t0
-            batch.session.check_input(x, "chunk")
-            service.check_answer(x, req.statistics_only or batch.statistics_only, "chunk")
-            elements += x.numel()
-            out = await compute(batch.add, x)
-            if out is not None:  # pipelined: answer this chunk now
-                t1 = perf_counter()
-                msg = encode(index, out, req.end_of_batch, None if sent else batch.header())
-                encode_s += perf_counter() - t1
-                sent += 1
-                yield msg
-        if req.end_of_batch:
-            result, count = await compute(batch.finish)
-            if not sent:
-                if not count:  # statistics only
+    try:
+        while True:
+            try:
+                req = await _next(chunks, service.stream_idle_timeout, index, batch is not None)
+            except StopAsyncIteration:
+                break
+            t0 = perf_counter()
+            if batch is None:
+                header = (req.session_id, req.mode, req.statistics_only)
+                session = service.sessions.get(req.session_id)
+                mode = req.to_mode(req.mode)
+                service.stages.label(session.config.kind.value, mode.value)
+                batch = session.start_batch(mode, req.statistics_only)
+                decode = encode_s = 0.0
+                elements = sent = 0
+            else:
+                _check_header(req, header, index)
+            if req.tensor is not None:
+                x = req.tensor()
+                decode += perf_counter() - t0
+                batch.session.check_input(x, "chunk")
+                service.check_answer(x, req.statistics_only or batch.statistics_only, "chunk")
+                if batch.keeps_chunks:
+                    share.take(max(x.numel() * x.element_size(), MIN_CHUNK_BYTES), index)
+                elements += x.numel()
+                out = await compute(batch.add, x)
+                x = None
+                if out is not None:  # pipelined: answer this chunk now
                     t1 = perf_counter()
-                    msg = encode(index, None, True, result)
+                    msg = encode(index, out, req.end_of_batch, None if sent else batch.header())
                     encode_s += perf_counter() - t1
+                    sent += 1
                     yield msg
-                else:
-                    outputs = batch.outputs()
-                    for i in range(count):
-                        out = await compute(next, outputs)
+            if req.end_of_batch:
+                result, count = await compute(batch.finish)
+                if not sent:
+                    if not count:  # statistics only
                         t1 = perf_counter()
-                        msg = encode(index, out, i == count - 1, result if i == 0 else None)
+                        msg = encode(index, None, True, result)
                         encode_s += perf_counter() - t1
                         yield msg
-                result = replace(result, compute_seconds=batch.compute_seconds)
-            service.record(
-                "NormalizeStream", batch.session, batch.mode, result, elements, decode, encode_s
-            )
-            batch = None
-            index += 1
+                    else:
+                        outputs = batch.outputs()
+                        for i in range(count):
+                            out = await compute(next, outputs)
+                            t1 = perf_counter()
+                            msg = encode(index, out, i == count - 1, result if i == 0 else None)
+                            encode_s += perf_counter() - t1
+                            yield msg
+                    result = replace(result, compute_seconds=batch.compute_seconds)
+                service.record(
+                    "NormalizeStream", batch.session, batch.mode, result, elements, decode, encode_s
+                )
+                batch = None
+                share.release()
+                index += 1
+    finally:
+        # however the stream ends (refused, cancelled, idle, failed), its memory goes at once:
+        # its share is given back, and its chunks are dropped now, not when its frame goes (an
+        # exception's traceback may hold the frame a while)
+        share.release()
+        req = x = out = None
+        if batch is not None:
+            batch.discard()
     if batch is not None:
         raise IncompleteStream(
             "end_of_batch",
@@ -134,8 +245,8 @@ def _check_header(req: Chunk, header: tuple[str, int, bool], index: int) -> None
     if req.session_id and req.session_id != session_id:
         raise InvalidArgument(
             "session_id",
-            f"a later chunk of batch {index} names session {req.session_id!r}, the first named "
-            f"{session_id!r}; nothing of that batch was applied",
+            f"a later chunk of batch {index} names session {shown(req.session_id)}, the first "
+            f"named {shown(session_id)}; nothing of that batch was applied",
         )
     if req.mode and req.mode != mode:
         raise InvalidArgument(

@@ -81,15 +81,18 @@ def test_compose_validates_the_file(tmp_path: Path) -> None:
     if cmd is None:
         _need("docker compose (or docker-compose)")
     version = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=60).stdout
-    path = COMPOSE_FILE
+    import yaml
+
     if "version 1." in version:
         # Compose 1.x predates the top-level `name` (the project name; later versions take it):
         # it validates the rest of the file
-        import yaml
-
         data.pop("name", None)
-        path = tmp_path / "compose.yaml"
-        path.write_text(yaml.safe_dump(data))
+    # the token file scripts/make-token writes is not in git: validate with a stand-in
+    env = tmp_path / "normserve.env"
+    env.write_text("NORMSERVE_AUTH_TOKENS=default " + "0" * 64 + "\n")
+    data["services"]["normserve"]["env_file"] = [str(env)]
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(data))
     proc = subprocess.run(
         [*cmd, "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
         capture_output=True,
@@ -98,3 +101,21 @@ def test_compose_validates_the_file(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert proc.returncode == 0, f"{' '.join(cmd)} config: {proc.stdout}{proc.stderr}"
+
+
+def test_compose_runs_normserve_authenticated() -> None:
+    service = _load()["services"]["normserve"]
+    assert service["env_file"] == ["deploy/normserve.env"], service.get("env_file")
+    environment = service.get("environment", {})
+    assert "NORMSERVE_UNSAFE_EXPOSE_WITHOUT_AUTH" not in environment
+    assert "NORMSERVE_AUTH_TOKENS" not in environment  # a secret never lives in compose.yaml
+    made = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "make-token"), "--print"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    line, token = made.stdout.splitlines()
+    tenant, _, value = line.removeprefix("NORMSERVE_AUTH_TOKENS=").partition(" ")
+    assert tenant == "default" and value == token and len(token) == 64

@@ -6,6 +6,7 @@ skip. Run them with ``.ci/container`` or ``python -m pytest -m container tests/c
 
 from __future__ import annotations
 
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +18,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from normserve.client import Client
+from normserve.client import Client, NormserveError
 
 from ._engine import BUILD_TIMEOUT_S, Built, Engine
 
 pytestmark = pytest.mark.container
 
 HEALTH_TIMEOUT_S = 90
+TOKEN = secrets.token_hex(32)
 # torch imported without numpy beside it says so at import; neither the build nor the server may
 NUMPY_WARNING = "Failed to initialize NumPy"
 
@@ -78,10 +80,13 @@ def _published_port(engine: Engine, name: str, container_port: int) -> int:
 @pytest.fixture
 def container(engine: Engine, image: Built) -> Iterator[tuple[str, int, int]]:
     name = f"normserve-test-{uuid.uuid4().hex[:8]}"
+    # The image serves 0.0.0.0 inside the container, so it runs authenticated, as a user runs it:
+    # a token from the environment (NORMSERVE_AUTH_TOKENS; a secret file works the same way).
     engine(
         "run", "-d", "--name", name,
         "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9464",
         "-e", "NORMSERVE_DEVICE=cpu",
+        "-e", f"NORMSERVE_AUTH_TOKENS=default {TOKEN}",
         image.tag,
         timeout=120,
     )  # fmt: skip
@@ -120,9 +125,12 @@ def test_image_serves_normalizes_exports_metrics_and_stops_cleanly(
         hc = engine("healthcheck", "run", name, timeout=30, check=False)
         assert hc.returncode == 0, f"HEALTHCHECK failed: {hc.stdout}{hc.stderr}"
 
+    with Client(target, timeout=30) as anonymous, pytest.raises(NormserveError) as refused:
+        anonymous.list_sessions()
+    assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED, refused.value
     torch.manual_seed(0)
     x = torch.randn(8, 4)
-    with Client(target, timeout=30) as client:
+    with Client(target, timeout=30, token=TOKEN) as client:
         session = client.create_session(4)
         y = client.normalize(session.session_id, x).output
     expected = torch.nn.BatchNorm1d(4)(x).detach()
@@ -148,3 +156,12 @@ def test_image_serves_normalizes_exports_metrics_and_stops_cleanly(
     assert "normserve_requests_total" in metrics, (
         f"no normserve_requests_total in /metrics:\n{metrics[:2000]}"
     )
+
+
+def test_image_will_not_serve_the_network_without_auth(engine: Engine, image: Built) -> None:
+    """Protected mode in the image: 0.0.0.0 and no tokens or mutual TLS -> it refuses to start."""
+    done = engine("run", "--rm", "-e", "NORMSERVE_DEVICE=cpu", image.tag, timeout=120, check=False)
+    assert done.returncode == 2, done
+    out = done.stdout + done.stderr
+    assert "normserve cannot start" in out and "0.0.0.0:50051" in out, out
+    assert "Traceback" not in out

@@ -173,7 +173,16 @@ def test_serve_help_is_the_servers() -> None:
     """`normserve serve --help` is the server's own help: every Settings field as a flag."""
     shown = run("serve", "--help")
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == run_server("--help").stdout
+    assert shown.stdout.startswith("usage: normserve serve ")
+    same = subprocess.run(
+        [sys.executable, "-m", "normserve.server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NORMSERVE_PROG": "normserve serve"},
+    )
+    assert shown.stdout == same.stdout
+    assert run_server("--help").stdout.startswith("usage: python -m normserve.server ")
     for f in dataclasses.fields(Settings):
         assert f"--{f.name.replace('_', '-')} " in shown.stdout, f.name
 

@@ -34,8 +34,11 @@ NUM_FEATURES = 16
 
 @pytest.fixture
 def default_server() -> Iterator[Server]:
-    """The server's default settings (16 workers, default limits), on a free loopback port."""
-    srv = start_server(Settings(address="127.0.0.1:0", metrics_address="off", device="cpu"))
+    """The server's default settings (16 workers, default limits), on a free loopback port; but
+    one tenant may hold every stream (its --quota-streams of 256 would refuse the rest)."""
+    srv = start_server(
+        Settings(address="127.0.0.1:0", metrics_address="off", device="cpu", quota_streams=0)
+    )
     yield srv
     srv.stop(0)
 

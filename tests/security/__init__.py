@@ -1,0 +1,1 @@
+"""Security tests: transport security, identity, tenants, quotas and limits under abuse."""
