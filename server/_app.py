@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -120,6 +120,64 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20)
         return False
 
 
+class HeapTrimmer:
+    """Returns the memory of large freed stream buffers to the operating system. glibc keeps freed
+    heap memory for reuse up to its trim threshold (512 MiB under ``tune_malloc``), so a stream
+    that held hundreds of MiB of a batch and was refused or cancelled would leave the process that
+    much bigger. Called with the bytes each stream gives back; once ``threshold`` bytes have been
+    given back, ``malloc_trim(0)`` runs ``delay`` seconds later and once more after ``3 * delay``
+    (coalescing a burst of streams ending, and leaving time for the buffers themselves to be
+    freed)."""
+
+    def __init__(
+        self,
+        threshold: int = 64 << 20,
+        delay: float = 0.5,
+        trim: Callable[[], object] | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.delay = delay
+        self.trim = trim if trim is not None else _malloc_trim()
+        self.trims = 0
+        self._pending = 0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, nbytes: int) -> None:
+        if self.trim is None:
+            return
+        with self._lock:
+            self._pending += nbytes
+            if self._pending < self.threshold or self._timer is not None:
+                return
+            self._timer = threading.Timer(self.delay, self._run)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            self._pending, self._timer = 0, None
+        assert self.trim is not None
+        self.trim()
+        self.trims += 1
+        # once more a little later: a buffer the ending call still referenced is freed by then
+        later = threading.Timer(3 * self.delay, self.trim)
+        later.daemon = True
+        later.start()
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where there is none."""
+    name = ctypes.util.find_library("c")
+    if not name or sys.platform != "linux":
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
 def configure_process(settings: Settings) -> None:
     """Process-wide settings, applied once by the process's entry point (``serve``), never by a
     server embedded in someone else's process: torch's thread count and glibc's malloc tuning."""
@@ -170,7 +228,9 @@ class Server:
             stream_idle_timeout=settings.stream_idle_timeout,
             stages=StageRecorder(self.metrics),
             stream_buffers=StreamBuffers(
-                settings.max_stream_buffer_bytes, settings.max_total_stream_buffer_bytes
+                settings.max_stream_buffer_bytes,
+                settings.max_total_stream_buffer_bytes,
+                on_release=HeapTrimmer() if settings.malloc_tuning else None,
             ),
         )
         self._loop = asyncio.new_event_loop()

@@ -67,9 +67,12 @@ class StreamBuffers:
         self,
         per_stream: int = DEFAULT_MAX_STREAM_BUFFER_BYTES,
         total: int = DEFAULT_MAX_TOTAL_STREAM_BUFFER_BYTES,
+        on_release: Callable[[int], None] | None = None,
     ) -> None:
         self.per_stream = per_stream
         self.total = total
+        #: told how many bytes a stream gave back (the server returns large ones to the OS)
+        self.on_release = on_release
         self._held = 0
         self._lock = threading.Lock()
 
@@ -101,8 +104,10 @@ class StreamBuffers:
 
     def _give_back(self, share: StreamShare) -> None:
         with self._lock:
-            self._held -= share.held
-            share.held = 0
+            released, share.held = share.held, 0
+            self._held -= released
+        if self.on_release is not None and released:
+            self.on_release(released)
 
 
 class StreamShare:
