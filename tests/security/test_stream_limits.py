@@ -490,7 +490,8 @@ def test_a_cancelled_streams_memory_goes_back_to_the_os() -> None:
     figures = abuse_one_stream((), 40, 4)
     print(f"one stream, 40 x 4 MiB held, then cancelled: {figures}")
     assert figures["outcome"] == "held" and figures["held_mib"] > 120, figures
-    assert figures["after_mib"] < 48, figures
+    # without the trim the server stays ~90% of what it held bigger (465 -> 421 MiB measured)
+    assert figures["after_mib"] < 0.5 * figures["held_mib"], figures
 
 
 def test_the_heap_trimmer_coalesces_and_waits_for_enough() -> None:
