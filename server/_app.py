@@ -125,17 +125,21 @@ class HeapTrimmer:
     heap memory for reuse up to its trim threshold (512 MiB under ``tune_malloc``), so a stream
     that held hundreds of MiB of a batch and was refused or cancelled would leave the process that
     much bigger. Called with the bytes each stream gives back; once ``threshold`` bytes have been
-    given back, ``malloc_trim(0)`` runs ``delay`` seconds later and once more after ``3 * delay``
-    (coalescing a burst of streams ending, and leaving time for the buffers themselves to be
-    freed)."""
+    given back in releases of at least ``min_release`` bytes each (smaller ones are ordinary
+    traffic, whose memory the heap reuses), ``malloc_trim(0)`` runs ``delay`` seconds later and
+    once more after ``3 * delay`` (coalescing a burst of streams ending, and leaving time for the
+    buffers themselves to be freed)."""
 
     def __init__(
         self,
         threshold: int = 64 << 20,
         delay: float = 0.5,
         trim: Callable[[], object] | None = None,
+        min_release: int = 16 << 20,
     ) -> None:
         self.threshold = threshold
+        #: releases smaller than this are ordinary traffic, which the heap reuses: not counted
+        self.min_release = min_release
         self.delay = delay
         self.trim = trim if trim is not None else _malloc_trim()
         self.trims = 0
@@ -144,7 +148,7 @@ class HeapTrimmer:
         self._lock = threading.Lock()
 
     def __call__(self, nbytes: int) -> None:
-        if self.trim is None:
+        if self.trim is None or nbytes < self.min_release:
             return
         with self._lock:
             self._pending += nbytes

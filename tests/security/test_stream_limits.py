@@ -496,7 +496,10 @@ def test_a_cancelled_streams_memory_goes_back_to_the_os() -> None:
 
 def test_the_heap_trimmer_coalesces_and_waits_for_enough() -> None:
     trims: list[float] = []
-    trimmer = HeapTrimmer(threshold=10, delay=0.05, trim=lambda: trims.append(time.monotonic()))
+    trimmer = HeapTrimmer(
+        threshold=10, delay=0.05, trim=lambda: trims.append(time.monotonic()), min_release=2
+    )
+    trimmer(1)  # under min_release: ordinary traffic, never counted
     trimmer(4)
     trimmer(4)
     time.sleep(0.2)
