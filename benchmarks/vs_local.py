@@ -44,17 +44,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from run import Proc  # benchmarks/run.py, beside this script
 
 from normserve.client import Client
 from normserve.client._tensors import fits_unary
@@ -77,53 +76,14 @@ def parse_sizes(text: str) -> list[int]:
 # ---- the server, as a subprocess
 
 
-class Server:
-    """``python -m normserve.server`` on port 0; the bound address is read from its log."""
-
-    def __init__(self, extra_args: list[str]) -> None:
-        self.cmd = [
-            sys.executable, "-m", "normserve.server", "--address", "127.0.0.1:0",
-            "--device", "cpu", "--metrics-address", "off", "--grace-seconds", "1", *extra_args,
-        ]  # fmt: skip
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.address = ""
-
-    def wait_address(self, timeout: float = 60.0) -> str:
-        pipe = self.proc.stderr
-        assert pipe is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = pipe.readline()
-            self.lines.append(line)
-            match = re.search(r"listening on (\S+?:\d+)", line)
-            if match:
-                self.address = match.group(1)
-                # Keep draining its log so the server never blocks on a full pipe.
-                threading.Thread(target=pipe.read, daemon=True).start()
-                return self.address
-            if not line and self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(
-            f"{' '.join(self.cmd)} did not report its address:\n{''.join(self.lines)}"
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_server(extra_args: list[str]) -> Proc:
+    """``python -m normserve.server`` on port 0 in its own process (run.py's ``Proc``: the bound
+    address is read from its log, which is then drained in the background)."""
+    cmd = [
+        sys.executable, "-m", "normserve.server", "--address", "127.0.0.1:0",
+        "--device", "cpu", "--metrics-address", "off", "--grace-seconds", "1", *extra_args,
+    ]  # fmt: skip
+    return Proc(cmd, "stderr")
 
 
 # ---- timing
@@ -447,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     load_start = os.getloadavg()[0]
     started = time.monotonic()
-    server = Server([f"--torch-threads={args.torch_threads}", *args.server_arg])
+    server = start_server([f"--torch-threads={args.torch_threads}", *args.server_arg])
     rows_4d: list[dict[str, Any]] = []
     rows_2d: list[dict[str, Any]] = []
     scaling: list[dict[str, Any]] = []
