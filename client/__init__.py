@@ -15,6 +15,7 @@ from normserve.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
     NormalizeResult,
+    RetryPolicy,
     SessionInfo,
 )
 from normserve.client._errors import (
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "SessionInfo",
     "UnavailableError",
 ]

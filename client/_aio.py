@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from normserve.client import _common as c
-from normserve.client._errors import from_rpc_error
+from normserve.client._errors import NormserveError, from_rpc_error
 from normserve.v1 import normserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -23,6 +24,11 @@ __all__ = ["AsyncClient"]
 T = TypeVar("T")
 
 _DEFAULT: Any = object()
+
+
+async def _deleted_before(code: grpc.StatusCode) -> Any:
+    # an earlier try deleted the session, and its answer was lost
+    return pb.DeleteSessionResponse() if code == grpc.StatusCode.NOT_FOUND else None
 
 
 class AsyncClient(c.ClientBase):
@@ -45,16 +51,34 @@ class AsyncClient(c.ClientBase):
     # ---- plumbing
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, timeout: Any, metadata: Any = None
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: Any,
+        metadata: Any = None,
+        after_retry: Callable[[grpc.StatusCode], Awaitable[T | None]] | None = None,
     ) -> T:
-        try:
-            return await method(
-                request,
-                timeout=self.timeout if timeout is _DEFAULT else timeout,
-                metadata=self._metadata(metadata),
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.target) from None
+        """One call, tried again under the client's retry policy (see ``Client._call``)."""
+        retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
+        md = self._metadata(metadata)
+        unavailable: grpc.RpcError | None = None  # a refusal says more than the deadline after it
+        while True:
+            try:
+                return await method(request, timeout=retrier.timeout(), metadata=md)
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    unavailable = err
+                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None:
+                    err = unavailable
+                if after_retry is not None and retrier.failed:
+                    answer = await after_retry(code)
+                    if answer is not None:
+                        return answer
+                delay = retrier.delay(code)
+                if delay is None:
+                    raise from_rpc_error(err, self.target) from None
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -80,13 +104,15 @@ class AsyncClient(c.ClientBase):
         bias: ArrayLike | None = None,
         device: str = "",
         allow_non_finite: bool = False,
+        ttl_seconds: float | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
     ) -> c.SessionInfo:
         """Creates a batch-norm session, like ``torch.nn.BatchNorm*d(num_features, eps, momentum,
         affine, track_running_stats)``; ``momentum=None`` is the cumulative average. ``session_id``:
         your id (default: the server picks one); ``weight``/``bias``: initial affine parameters;
-        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf."""
+        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf;
+        ``ttl_seconds``: idle seconds before it expires (0: never; None: the server's default)."""
         req = c.create_request(
             num_features,
             session_id=session_id,
@@ -98,10 +124,22 @@ class AsyncClient(c.ClientBase):
             bias=bias,
             device=device,
             allow_non_finite=allow_non_finite,
+            ttl_seconds=ttl_seconds,
         )
-        return c.session_info(
-            (await self._call(self._stub.CreateSession, req, timeout, metadata)).session
-        )
+
+        async def already_created(code: grpc.StatusCode) -> Any:
+            # an earlier try created it, and its answer was lost: the session is there
+            if code == grpc.StatusCode.ALREADY_EXISTS and session_id:
+                got = await self._stub.GetSession(
+                    pb.GetSessionRequest(session_id=session_id),
+                    timeout=self.timeout if timeout is _DEFAULT else timeout,
+                    metadata=self._metadata(metadata),
+                )
+                return pb.CreateSessionResponse(session=got.session)
+            return None
+
+        resp = await self._call(self._stub.CreateSession, req, timeout, metadata, already_created)
+        return c.session_info(resp.session)
 
     async def get_session(
         self,
@@ -142,6 +180,7 @@ class AsyncClient(c.ClientBase):
             pb.DeleteSessionRequest(session_id=session_id),
             timeout,
             metadata,
+            _deleted_before,
         )
 
     async def reset_session(
@@ -190,25 +229,39 @@ class AsyncClient(c.ClientBase):
         *,
         mode: c.ModeName = "train",
         statistics_only: bool = False,
+        idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
     ) -> c.NormalizeResult:
-        """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
+        """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``); see
+        ``Client.normalize``."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
+        key = ""
+        if c.mode_value(mode) == c.mode_value("train"):
+            key = idempotency_key or c.new_idempotency_key()
         if not tx.fits_unary(t, self.chunk_bytes):
-            async for result in self.normalize_stream(
-                session_id,
-                [x],
-                mode=mode,
-                statistics_only=statistics_only,
-                timeout=timeout,
-                metadata=metadata,
-            ):
-                return result
-            raise AssertionError("the stream ended without an answer")
-        req = tx.normalize_request(session_id, t, mode, statistics_only)
+            retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
+            while True:
+                try:
+                    async for result in self.normalize_stream(
+                        session_id,
+                        [x],
+                        mode=mode,
+                        statistics_only=statistics_only,
+                        timeout=retrier.timeout(),
+                        metadata=metadata,
+                        idempotency_keys=iter([key]),
+                    ):
+                        return result
+                    raise AssertionError("the stream ended without an answer")
+                except NormserveError as err:
+                    delay = retrier.delay(err.code)
+                    if delay is None:
+                        raise
+                await asyncio.sleep(delay)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key)
         return tx.normalize_result(
             await self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
@@ -222,11 +275,13 @@ class AsyncClient(c.ClientBase):
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        idempotency_keys: Iterator[str] | None = None,
     ) -> AsyncIterator[c.NormalizeResult]:
-        """Normalizes many batches on one stream; yields their results in order."""
+        """Normalizes many batches on one stream; yields their results in order (see
+        ``Client.normalize_stream``)."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
-        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
+        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
             call = self._normalize_stream(

@@ -97,7 +97,7 @@ async def _bench(args: argparse.Namespace) -> Result:
     security = connection_kwargs(args)
     config = _config(args, concurrency, nbytes, security)
     async with AsyncClient(
-        args.target, timeout=args.timeout, chunk_bytes=args.chunk_bytes, **security
+        args.target, timeout=args.timeout, chunk_bytes=args.chunk_bytes, retry=0, **security
     ) as client:
         session_id = args.session
         if not session_id:

@@ -153,7 +153,8 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout, **connection_kwargs(args))
+    # an operator's command answers at once; a script that wants retries uses the Client
+    return Client(args.target, timeout=args.timeout, retry=0, **connection_kwargs(args))
 
 
 def _emit(document: Any) -> None:

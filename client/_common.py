@@ -9,6 +9,10 @@ method start in a fraction of the time torch's import takes. What handles tensor
 from __future__ import annotations
 
 import datetime as dt
+import json
+import random
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -83,6 +87,9 @@ class SessionInfo:
     num_batches_tracked: int
     create_time: dt.datetime
     update_time: dt.datetime
+    #: idle seconds after which the session expires (0: never), and when it will if unused
+    ttl_seconds: float = 0.0
+    expire_time: dt.datetime | None = None
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -135,6 +142,71 @@ class NormalizeResult:
     var: torch.Tensor
     version: int
     batch_statistics: bool
+    #: the call had been applied before (a retry): this is its answer, nothing was applied again
+    replayed: bool = False
+
+
+#: Status codes a call is tried again on: the server could not be reached, did not answer in time,
+#: or lost a race with other processes (ABORTED). Every call may be: TRAIN calls carry an
+#: idempotency key, so a retry is applied once.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are tried again: within the
+    call's timeout (the deadline covers every try, as gRPC's own retries do) and at most
+    ``seconds`` (0: never retry), waiting between tries from ``initial_backoff`` doubling up to
+    ``max_backoff`` seconds, with full jitter so that clients that failed together do not return
+    together. ``attempt_timeout`` bounds each try (None: the rest of the call's timeout), so a
+    server that hangs is tried again (DEADLINE_EXCEEDED) while the call's deadline allows."""
+
+    seconds: float = 60.0
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    attempt_timeout: float | None = None
+
+    def start(self, timeout: float | None) -> Retrier:
+        return Retrier(self, timeout)
+
+
+class Retrier:
+    """One call's tries under a ``RetryPolicy`` and the call's ``timeout``."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None) -> None:
+        now = time.monotonic()
+        self.policy = policy
+        self.deadline = None if timeout is None else now + timeout
+        budget = now + policy.seconds
+        self.retry_until = budget if self.deadline is None else min(budget, self.deadline)
+        self.attempts = 0
+        self.failed: grpc.StatusCode | None = None  # the last retryable failure
+
+    def timeout(self) -> float | None:
+        """This try's timeout: what is left of the call's, at most the policy's per try."""
+        left = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+        per_try = self.policy.attempt_timeout
+        if per_try is None:
+            return left
+        return per_try if left is None else min(per_try, left)
+
+    def delay(self, code: grpc.StatusCode | None) -> float | None:
+        """Seconds to wait before the next try after a failure with ``code``; None: give up."""
+        self.attempts += 1
+        if code not in RETRYABLE or self.policy.seconds <= 0:
+            return None
+        cap = min(self.policy.max_backoff, self.policy.initial_backoff * 2 ** (self.attempts - 1))
+        wait = random.uniform(0, cap)
+        if time.monotonic() + wait >= self.retry_until:
+            return None
+        self.failed = code
+        return wait
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
 
 
 def mode_value(mode: ModeName | str) -> int:
@@ -159,6 +231,8 @@ def session_info(msg: pb.Session) -> SessionInfo:
         num_batches_tracked=msg.num_batches_tracked,
         create_time=msg.create_time.ToDatetime(dt.UTC),
         update_time=msg.update_time.ToDatetime(dt.UTC),
+        ttl_seconds=cfg.ttl_seconds,
+        expire_time=msg.expire_time.ToDatetime(dt.UTC) if msg.HasField("expire_time") else None,
         _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
     )
 
@@ -175,6 +249,7 @@ def create_request(
     bias: ArrayLike | None = None,
     device: str = "",
     allow_non_finite: bool = False,
+    ttl_seconds: float | None = None,
 ) -> pb.CreateSessionRequest:
     cfg = pb.SessionConfig(
         kind=pb.NORM_KIND_BATCH_NORM,
@@ -187,6 +262,8 @@ def create_request(
     )
     if momentum is not None:
         cfg.momentum = momentum
+    if ttl_seconds is not None:
+        cfg.ttl_seconds = ttl_seconds
     if weight is not None or bias is not None:
         from normserve.client._tensors import as_tensor
         from normserve.wire import tensor_to_proto
@@ -202,10 +279,45 @@ NORMALIZE = "/normserve.v1.Normalizer/Normalize"
 NORMALIZE_STREAM = "/normserve.v1.Normalizer/NormalizeStream"
 
 
-def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[Any]:
+def service_config(load_balancing: str = "") -> str:
+    """The channel's service config: gRPC's own retry of UNAVAILABLE (quick, transparent: a
+    connection reset, a replica going away), under the client's longer ``RetryPolicy``; and the
+    load-balancing policy (``round_robin`` spreads calls over every address a name resolves to,
+    e.g. a Kubernetes headless Service's pods)."""
+    config: dict[str, Any] = {
+        "methodConfig": [
+            {
+                "name": [{"service": "normserve.v1.Normalizer"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    if load_balancing:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    return json.dumps(config)
+
+
+def channel_options(
+    max_message_bytes: int, extra: Sequence[tuple[str, Any]] = (), load_balancing: str = ""
+) -> list[Any]:
+    if load_balancing not in ("", "pick_first", "round_robin"):
+        raise ValueError(
+            f"load_balancing must be 'pick_first' or 'round_robin', got {load_balancing!r}"
+        )
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.service_config", service_config(load_balancing)),
+        # a restarted server is found within a second, not after grpc's default backoff (which
+        # grows to two minutes)
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
         *extra,
     ]
 
@@ -284,7 +396,14 @@ class ClientBase:
     Security: ``tls=True`` uses TLS with the system's root certificates, ``ca_file`` (a PEM file,
     implies TLS) with those instead; ``cert_file`` and ``key_file`` present a client certificate
     (mutual TLS). ``token`` is sent as ``authorization: Bearer TOKEN`` with every call.
-    ``credentials`` (any ``grpc.ChannelCredentials``) replaces the TLS options."""
+    ``credentials`` (any ``grpc.ChannelCredentials``) replaces the TLS options.
+
+    Retries: a call that fails with UNAVAILABLE or DEADLINE_EXCEEDED is tried again within its
+    timeout, under ``retry`` (a ``RetryPolicy``, or its budget in seconds; 0 turns retries off).
+    TRAIN calls carry an idempotency key, the same on every try, so a retried update is applied
+    once. Streams of many batches are not retried (their batches carry keys, so resending them
+    is safe). ``load_balancing="round_robin"`` spreads calls over every address the target
+    resolves to (``dns:///normserve-headless:50051`` for a Kubernetes headless Service)."""
 
     def __init__(
         self,
@@ -301,8 +420,13 @@ class ClientBase:
         cert_file: str | None = None,
         key_file: str | None = None,
         token: str | None = None,
+        retry: RetryPolicy | float | None = None,
+        load_balancing: str = "",
     ) -> None:
         self.target = target
+        if retry is None:
+            retry = RetryPolicy()
+        self.retry = retry if isinstance(retry, RetryPolicy) else RetryPolicy(float(retry))
         self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -315,7 +439,7 @@ class ClientBase:
             credentials=credentials,
         )
         self._channel: Any = self._open(
-            target, credentials, channel_options(max_message_bytes, options)
+            target, credentials, channel_options(max_message_bytes, options, load_balancing)
         )
         self._stub = pb_grpc.NormalizerStub(self._channel)
         # the tensor-carrying methods move raw bytes, encoded by normserve.wire (zero-copy reads)

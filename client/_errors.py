@@ -85,6 +85,21 @@ _BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
 # What gRPC's connection errors say (its wording, matched loosely), and what to check. Each needle
 # is a substring, or a tuple of substrings that must all be there.
 _Needle = str | tuple[str, ...]
+#: Words of grpc's own transport failures (never of a status a server sends).
+_TRANSPORT_MARKERS = (
+    "failed to connect",
+    "all addresses",
+    "backends failing",
+    "dns resolution",
+    "resolving",
+    "ssl",
+    "tls",
+    "handshake",
+    "http/2",
+    "http2",
+    "socket closed",
+)
+
 _CONNECT_HINTS: tuple[tuple[tuple[_Needle, ...], str], ...] = (
     (
         ("connection refused",),
@@ -142,6 +157,8 @@ def connect_hint(code: grpc.StatusCode, details: str, target: str | None) -> str
     if code is not grpc.StatusCode.UNAVAILABLE or not target:
         return ""
     lowered = details.lower()
+    if not any(marker in lowered for marker in _TRANSPORT_MARKERS):
+        return ""  # the server answered UNAVAILABLE itself (its store is down, it is draining)
     for needles, hint in _CONNECT_HINTS:
         for needle in needles:
             if all(part in lowered for part in ((needle,) if isinstance(needle, str) else needle)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -10,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from normserve.client import _common as c
-from normserve.client._errors import from_rpc_error
+from normserve.client._errors import NormserveError, from_rpc_error
 from normserve.v1 import normserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -49,16 +50,36 @@ class Client(c.ClientBase):
     # ---- plumbing
 
     def _call(
-        self, method: Callable[..., T], request: Any, timeout: Any, metadata: Any = None
+        self,
+        method: Callable[..., T],
+        request: Any,
+        timeout: Any,
+        metadata: Any = None,
+        after_retry: Callable[[grpc.StatusCode], T | None] | None = None,
     ) -> T:
-        try:
-            return method(
-                request,
-                timeout=self.timeout if timeout is _DEFAULT else timeout,
-                metadata=self._metadata(metadata),
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.target) from None
+        """One call, tried again under the client's retry policy. ``after_retry``: what a
+        failure means when an earlier try may have been applied (an ALREADY_EXISTS of a
+        create): its result, or None to raise it."""
+        retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
+        md = self._metadata(metadata)
+        unavailable: grpc.RpcError | None = None  # a refusal says more than the deadline after it
+        while True:
+            try:
+                return method(request, timeout=retrier.timeout(), metadata=md)
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    unavailable = err
+                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None:
+                    err = unavailable
+                if after_retry is not None and retrier.failed:
+                    answer = after_retry(code)
+                    if answer is not None:
+                        return answer
+                delay = retrier.delay(code)
+                if delay is None:
+                    raise from_rpc_error(err, self.target) from None
+            time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()
@@ -84,13 +105,15 @@ class Client(c.ClientBase):
         bias: ArrayLike | None = None,
         device: str = "",
         allow_non_finite: bool = False,
+        ttl_seconds: float | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
     ) -> c.SessionInfo:
         """Creates a batch-norm session, like ``torch.nn.BatchNorm*d(num_features, eps, momentum,
         affine, track_running_stats)``; ``momentum=None`` is the cumulative average. ``session_id``:
         your id (default: the server picks one); ``weight``/``bias``: initial affine parameters;
-        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf."""
+        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf;
+        ``ttl_seconds``: idle seconds before it expires (0: never; None: the server's default)."""
         req = c.create_request(
             num_features,
             session_id=session_id,
@@ -102,8 +125,23 @@ class Client(c.ClientBase):
             bias=bias,
             device=device,
             allow_non_finite=allow_non_finite,
+            ttl_seconds=ttl_seconds,
         )
-        return c.session_info(self._call(self._stub.CreateSession, req, timeout, metadata).session)
+
+        def already_created(code: grpc.StatusCode) -> Any:
+            # an earlier try created it, and its answer was lost: the session is there
+            if code == grpc.StatusCode.ALREADY_EXISTS and session_id:
+                return pb.CreateSessionResponse(
+                    session=self._stub.GetSession(
+                        pb.GetSessionRequest(session_id=session_id),
+                        timeout=self.timeout if timeout is _DEFAULT else timeout,
+                        metadata=self._metadata(metadata),
+                    ).session
+                )
+            return None
+
+        resp = self._call(self._stub.CreateSession, req, timeout, metadata, already_created)
+        return c.session_info(resp.session)
 
     def get_session(
         self,
@@ -138,6 +176,8 @@ class Client(c.ClientBase):
             pb.DeleteSessionRequest(session_id=session_id),
             timeout,
             metadata,
+            # an earlier try deleted it, and its answer was lost
+            lambda code: pb.DeleteSessionResponse() if code == grpc.StatusCode.NOT_FOUND else None,
         )
 
     def reset_session(
@@ -182,25 +222,41 @@ class Client(c.ClientBase):
         *,
         mode: c.ModeName = "train",
         statistics_only: bool = False,
+        idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
     ) -> c.NormalizeResult:
-        """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``)."""
+        """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``). A
+        TRAIN batch carries ``idempotency_key`` (default: a fresh UUID), the same on every
+        retry, so it is applied once."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
+        key = ""
+        if c.mode_value(mode) == c.mode_value("train"):
+            key = idempotency_key or c.new_idempotency_key()
         if not tx.fits_unary(t, self.chunk_bytes):
-            return next(
-                self.normalize_stream(
-                    session_id,
-                    [x],
-                    mode=mode,
-                    statistics_only=statistics_only,
-                    timeout=timeout,
-                    metadata=metadata,
-                )
-            )
-        req = tx.normalize_request(session_id, t, mode, statistics_only)
+            # one batch on a stream of its own, tried again as a unary call would be
+            retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
+            while True:
+                try:
+                    return next(
+                        self.normalize_stream(
+                            session_id,
+                            [x],
+                            mode=mode,
+                            statistics_only=statistics_only,
+                            timeout=retrier.timeout(),
+                            metadata=metadata,
+                            idempotency_keys=iter([key]),
+                        )
+                    )
+                except NormserveError as err:
+                    delay = retrier.delay(err.code)
+                    if delay is None:
+                        raise
+                time.sleep(delay)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key)
         return tx.normalize_result(
             self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
@@ -214,11 +270,14 @@ class Client(c.ClientBase):
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        idempotency_keys: Iterator[str] | None = None,
     ) -> Iterator[c.NormalizeResult]:
-        """Normalizes many batches on one stream; yields their results in order."""
+        """Normalizes many batches on one stream; yields their results in order. Each TRAIN
+        batch carries an idempotency key (default: a fresh UUID each; ``idempotency_keys`` gives
+        them, e.g. to resend batches after a failure). The stream is not retried."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
-        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes)
+        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys)
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
             for msg in self._normalize_stream(

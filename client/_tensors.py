@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from normserve import wire
-from normserve.client._common import ModeName, NormalizeResult, mode_value
+from normserve.client._common import ModeName, NormalizeResult, mode_value, new_idempotency_key
 from normserve.v1 import normserve_pb2 as pb
 from normserve.wire import tensor_from_proto, tensor_to_proto
 
@@ -111,10 +111,16 @@ def fits_unary(x: torch.Tensor, chunk_bytes: int) -> bool:
 
 
 def normalize_request(
-    session_id: str, x: torch.Tensor, mode: ModeName | str, statistics_only: bool
+    session_id: str,
+    x: torch.Tensor,
+    mode: ModeName | str,
+    statistics_only: bool,
+    idempotency_key: str = "",
 ) -> bytes:
     """An encoded NormalizeRequest: one copy of the tensor (see normserve.wire)."""
-    return wire.encode_normalize_request(session_id, mode_value(mode), x, statistics_only)
+    return wire.encode_normalize_request(
+        session_id, mode_value(mode), x, statistics_only, idempotency_key
+    )
 
 
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,6 +138,7 @@ def normalize_result(raw: bytes, like: _Like) -> NormalizeResult:
         var=answer.var.clone(),
         version=answer.version,
         batch_statistics=answer.batch_statistics,
+        replayed=answer.replayed,
     )
 
 
@@ -148,10 +155,17 @@ class StreamPlan:
     """
 
     def __init__(
-        self, session_id: str, mode: ModeName | str, statistics_only: bool, chunk_bytes: int
+        self,
+        session_id: str,
+        mode: ModeName | str,
+        statistics_only: bool,
+        chunk_bytes: int,
+        idempotency_keys: Iterator[str] | None = None,
     ) -> None:
+        """``idempotency_keys``: one per TRAIN batch (default: a fresh UUID each)."""
         self.session_id = session_id
         self.mode = mode_value(mode)
+        self._keys = idempotency_keys
         self.statistics_only = statistics_only
         self.chunk_bytes = chunk_bytes
         self._likes: deque[_Like] = deque()
@@ -180,11 +194,14 @@ class StreamPlan:
         n = x.shape[0]
         starts = list(range(0, n, rows)) or [0]
         last = len(starts) - 1
+        key = ""
+        if self.mode == mode_value("train"):
+            key = next(self._keys) if self._keys is not None else new_idempotency_key()
         for i, start in enumerate(starts):
             chunk = x[start : start + rows]
             if i == 0:
                 yield wire.encode_stream_request(
-                    self.session_id, self.mode, chunk, last == 0, self.statistics_only
+                    self.session_id, self.mode, chunk, last == 0, self.statistics_only, key
                 )
             else:
                 yield wire.encode_stream_request("", 0, chunk, i == last, False)
@@ -211,4 +228,5 @@ class StreamPlan:
             var=head.var.clone(),
             version=head.version,
             batch_statistics=head.batch_statistics,
+            replayed=head.replayed,
         )

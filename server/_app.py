@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from normserve.server._logging import configure_logging
 from normserve.server._metrics import Metrics, MetricsHTTPServer
+from normserve.server._processes import PROCESS_INDEX_ENV
 from normserve.server._reflection import enable_reflection
 from normserve.server._settings import Settings
 from normserve.server._tls import check_protected_mode, server_credentials
@@ -31,12 +33,14 @@ from normserve.server._transport._interceptors import ErrorInterceptor
 from normserve.server._transport._observe import ObservabilityInterceptor, StageRecorder
 from normserve.server._transport._servicer import NormalizerServicer, handlers
 from normserve.server.service import (
+    KeyPolicy,
     NormalizerService,
     QuotaLimits,
     ServiceError,
     SessionManager,
     StreamBuffers,
     TenantQuotas,
+    open_store,
 )
 from normserve.v1 import normserve_pb2 as pb
 
@@ -81,13 +85,14 @@ def check_listen_address(address: str) -> None:
                     ) from None
 
 
-def channel_options(settings: Settings) -> list[tuple[str, int]]:
+def channel_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
     ms = lambda seconds: int(seconds * 1000)  # noqa: E731
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Linux's SO_REUSEPORT would let a second server bind a busy port silently.
-        ("grpc.so_reuseport", 0),
+        # Linux's SO_REUSEPORT would let a second server bind a busy port silently: only the
+        # processes of one `--processes N` server share theirs
+        ("grpc.so_reuseport", int(reuse_port)),
         # A peer that vanished (no FIN: a killed VM, a pulled cable) is found by keepalive pings
         # and its calls end, so its streams free what they hold.
         ("grpc.keepalive_time_ms", ms(settings.keepalive_seconds)),
@@ -200,8 +205,15 @@ class Server:
     any program (tests, notebooks) whether or not it runs an event loop of its own.
     """
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """``reuse_port``: share the port with sibling processes (``--processes``)."""
         self.settings = settings
+        self.reuse_port = reuse_port
         # TLS files, tokens and protected mode first: a server that must not start starts nothing
         self._credentials, self.transport_security = server_credentials(settings)
         self.quotas = TenantQuotas(
@@ -216,14 +228,31 @@ class Server:
         )
         self._auth = AuthInterceptor.from_settings(settings, self.quotas)  # tokens, or ValueError
         self.unprotected = check_protected_mode(settings, tokens=self._auth.tokens is not None)
-        self.sessions = SessionManager(
-            settings.device,
-            settings.max_sessions,
-            settings.session_max_features(),
-            quotas=self.quotas,
+        self.store = open_store(
+            settings.store,
+            settings.state_dir,
+            settings.durability,
+            settings.snapshot_interval,
+            KeyPolicy(settings.idempotency_keys, settings.idempotency_window),
         )
+        try:
+            self.sessions = SessionManager(
+                settings.device,
+                settings.max_sessions,
+                settings.session_max_features(),
+                store=self.store,
+                quotas=self.quotas,
+                default_ttl=settings.default_session_ttl(),
+            )
+        except BaseException:
+            self.store.close()
+            raise
+        recovery = getattr(self.store, "recovery", None)
+        if recovery:
+            log.info("state recovered from %s: %s", settings.state_dir, recovery)
         self.metrics = Metrics(registry)
         self.metrics.track_sessions(lambda: len(self.sessions))
+        self.metrics.track_expired_sessions(lambda: self.sessions.expired)
         self.metrics.track_quotas(self.quotas.snapshot)
         self.service = NormalizerService(
             self.sessions,
@@ -243,12 +272,14 @@ class Server:
         )
         self._thread.start()
         self._stopped = threading.Event()
+        self._expiry = threading.Thread(target=self._expire_idle, name="normserve-ttl", daemon=True)
         self.metrics_server: MetricsHTTPServer | None = None
         self.metrics_address = ""
         try:
             self.port = self._run(self._build())
         except BaseException:
             self._close_loop()
+            self.store.close()
             raise
         host = settings.address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -262,7 +293,7 @@ class Server:
             # outermost first: observability sees the status the error table chose, and the
             # error table the refusals of auth (which identifies the tenant, before decoding)
             interceptors=[ObservabilityInterceptor(self.metrics), ErrorInterceptor(), self._auth],
-            options=channel_options(settings),
+            options=channel_options(settings, self.reuse_port),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         methods = handlers(NormalizerServicer(self.service))
@@ -273,7 +304,8 @@ class Server:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._grpc)
-        check_listen_address(settings.address)
+        if not self.reuse_port:
+            check_listen_address(settings.address)
         try:
             if self._credentials is None:
                 port = self._grpc.add_insecure_port(settings.address)
@@ -308,7 +340,16 @@ class Server:
             )
             self.metrics_address = self.metrics_server.address
         self._run(self._start())
+        self._expiry.start()
         return self
+
+    def _expire_idle(self) -> None:
+        """Expires idle sessions, a few times per shortest TTL (at most once a second)."""
+        while not self._stopped.wait(1.0):
+            try:
+                self.sessions.expire_idle()
+            except Exception:  # a store error must not end expiry for good
+                log.exception("expiring idle sessions failed; trying again")
 
     async def _stop(self, grace: float) -> None:
         # Health first: load balancers and probes see NOT_SERVING while calls in flight drain.
@@ -322,9 +363,10 @@ class Server:
         self._run(self._stop(self.settings.grace_seconds if grace is None else grace))
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self._stopped.set()
         self.service.close()
         self._close_loop()
-        self._stopped.set()
+        self.store.close()  # after the calls: the durable store's last snapshot holds them all
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -342,29 +384,38 @@ class Server:
 
 
 def start_server(
-    settings: Settings | None = None, registry: CollectorRegistry | None = None
+    settings: Settings | None = None,
+    registry: CollectorRegistry | None = None,
+    reuse_port: bool = False,
 ) -> Server:
     """Builds and starts a server (returns at once); ``Server.stop`` ends it."""
-    return Server(settings or Settings.from_env(), registry).start()
+    return Server(settings or Settings.from_env(), registry, reuse_port).start()
 
 
 def serve(settings: Settings | None = None) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it; returns the process exit code."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    index = os.environ.get(PROCESS_INDEX_ENV)
     try:
         settings.validate()
+        if settings.processes > 1:
+            from normserve.server._processes import serve_processes
+
+            return serve_processes(settings)
         configure_process(settings)
-        server = start_server(settings)
+        server = start_server(settings, reuse_port=index is not None)
     except (OSError, ValueError, ServiceError) as err:
         log.error("normserve cannot start: %s", err)
         return 2
     log.info(
-        "normserve listening on %s (%s; device %s, %d compute workers; %s)",
+        "normserve listening on %s (%s; device %s, %d compute workers; %s; %s)",
         server.address,
         server.transport_security,
         server.sessions.default_device,
         settings.workers,
+        settings.store_description()
+        + (f", process {index} of a group" if index is not None else ""),
         f"metrics on {server.metrics_address}" if server.metrics_address else "metrics off",
     )
     stop = threading.Event()

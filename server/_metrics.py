@@ -223,6 +223,23 @@ class Metrics:
     def track_sessions(self, count: Callable[[], int]) -> None:
         self.sessions.set_function(lambda: float(count()))
 
+    def track_expired_sessions(self, count: Callable[[], int]) -> None:
+        """``normserve_sessions_expired_total``: sessions this process expired after their idle
+        TTL (with Redis: stopped holding; Redis deletes them)."""
+        self.registry.register(
+            _Total("normserve_sessions_expired", "Sessions expired after their idle TTL.", count)
+        )
+
+
+class _Total(Collector):
+    """A counter whose value another object keeps."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], int]) -> None:
+        self.name, self.doc, self.value = name, doc, value
+
+    def collect(self) -> Any:
+        yield CounterMetricFamily(self.name, self.doc, value=float(self.value()))
+
 
 class _QuotaUsage(Collector):
     GAUGES = (

@@ -93,6 +93,45 @@ class Settings:
         "have given back 64 MiB of buffers, return the heap's free memory to the OS (malloc_trim). "
         "0: glibc's defaults, no trimming",
     )
+    # ---- state: where sessions are kept, how long, and how many processes serve them
+    # (docs/deployment.md)
+    store: str = _opt(
+        "memory",
+        "where sessions are kept: memory (this process; lost when it ends, or kept in files with "
+        "--state-dir), or redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS): every process and "
+        "replica pointed at the same Redis serves the same sessions, each update applied once",
+    )
+    state_dir: str = _opt(
+        "",
+        "directory that keeps the sessions across restarts (the local durable store, for one "
+        "server: a lock file refuses a second). See --durability",
+    )
+    durability: str = _opt(
+        "interval",
+        "with --state-dir: interval (a snapshot every --snapshot-interval seconds and on "
+        "shutdown; SIGKILL or power loss loses at most the last interval) or strict (an update is "
+        "answered only once it is on disk, fsynced; concurrent updates share one fsync)",
+    )
+    snapshot_interval: float = _opt(
+        5.0, "with --state-dir: seconds between snapshots (strict: between log checkpoints)"
+    )
+    session_ttl: float = _opt(
+        -1.0,
+        "idle seconds after which a session that sets no ttl_seconds of its own expires and is "
+        "deleted (0: never; -1: 86400 with the memory store, never with --state-dir or Redis)",
+    )
+    idempotency_keys: int = _opt(
+        1000, "idempotency keys each session remembers (the most recent; retries older are applied)"
+    )
+    idempotency_window: float = _opt(
+        3600.0, "seconds a session remembers an idempotency key at most"
+    )
+    processes: int = _opt(
+        1,
+        "server processes sharing --address (SO_REUSEPORT; the kernel spreads connections over "
+        "them); more than 1 needs --store redis://. Process i serves metrics on the metrics "
+        "port + i",
+    )
     # ---- security: transport, identity, and limits that hold under abuse (docs/security.md)
     tls_cert: str = _opt(
         "",
@@ -222,8 +261,46 @@ class Settings:
             )
         if self.log_format not in ("plain", "json"):
             raise ValueError(f"--log-format: expected plain or json, got {self.log_format!r}")
+        if self.store != "memory" and not self.store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"--store: expected memory or redis://HOST:PORT/DB, got {_redacted(self.store)!r}"
+            )
+        if self.state_dir and self.store != "memory":
+            raise ValueError("--state-dir and --store redis://... exclude each other")
+        if self.durability not in ("interval", "strict"):
+            raise ValueError(f"--durability: expected interval or strict, got {self.durability!r}")
+        if not self.snapshot_interval > 0:
+            raise ValueError(f"--snapshot-interval: must be > 0, got {self.snapshot_interval}")
+        if self.session_ttl < 0 and self.session_ttl != -1:
+            raise ValueError(f"--session-ttl: must be >= 0, or -1, got {self.session_ttl}")
+        if self.idempotency_keys < 1 or not self.idempotency_window > 0:
+            raise ValueError("--idempotency-keys and --idempotency-window: must be > 0")
+        if self.processes < 1:
+            raise ValueError(f"--processes: must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.store == "memory":
+            raise ValueError(
+                "--processes: more than one process needs a shared store (--store "
+                "redis://HOST:PORT/DB); with the memory store each process would hold sessions "
+                "the others cannot see"
+            )
         if (unsafe := self.unsafe_expose_without_auth) not in (0, 1):
             raise ValueError(f"--unsafe-expose-without-auth: expected 0 or 1, got {unsafe}")
+
+    def store_description(self) -> str:
+        """Where sessions are kept, as a log line says it (never with a password)."""
+        if self.state_dir:
+            return f"sessions in {self.state_dir} ({self.durability})"
+        if self.store == "memory":
+            return "sessions in memory"
+        return f"sessions in {_redacted(self.store)}"
+
+    def default_session_ttl(self) -> float:
+        """--session-ttl resolved: -1 is a day for the memory store, never for durable ones."""
+        if self.session_ttl != -1:
+            return self.session_ttl
+        return 86400.0 if self.store == "memory" and not self.state_dir else 0.0
 
     def session_max_features(self) -> int:
         """--max-features, or the most whose session fits one message."""
@@ -231,6 +308,14 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _redacted(url: str) -> str:
+    """A store URL as a message may show it: without its password."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def _check_host_port(flag: str, address: str, alternatives: str = "") -> None:

@@ -200,27 +200,38 @@ def _sample(msg: Any, field: Any) -> None:
 
 def _reencode_request(raw: bytes) -> bytes:
     f = wire.parse_normalize_request(raw)
-    return wire.encode_normalize_request(f.session_id, f.mode, f.tensor(), f.statistics_only)
+    return wire.encode_normalize_request(
+        f.session_id, f.mode, f.tensor(), f.statistics_only, f.idempotency_key
+    )
 
 
 def _reencode_stream_request(raw: bytes) -> bytes:
     f = wire.parse_stream_request(raw)
     chunk = f.tensor() if f.has_tensor else None
     return wire.encode_stream_request(
-        f.session_id, f.mode, chunk, f.end_of_batch, f.statistics_only
+        f.session_id, f.mode, chunk, f.end_of_batch, f.statistics_only, f.idempotency_key
     )
 
 
 def _reencode_response(raw: bytes) -> bytes:
     a = wire.parse_normalize_response(raw)
     assert a.mean is not None and a.var is not None
-    return wire.encode_normalize_response(a.output, a.mean, a.var, a.version, a.batch_statistics)
+    return wire.encode_normalize_response(
+        a.output, a.mean, a.var, a.version, a.batch_statistics, a.replayed
+    )
 
 
 def _reencode_stream_response(raw: bytes) -> bytes:
     a = wire.parse_stream_response(raw)
     return wire.encode_stream_response(
-        a.batch_index, a.output, a.end_of_batch, a.mean, a.var, a.version, a.batch_statistics
+        a.batch_index,
+        a.output,
+        a.end_of_batch,
+        a.mean,
+        a.var,
+        a.version,
+        a.batch_statistics,
+        a.replayed,
     )
 
 

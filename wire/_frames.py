@@ -49,13 +49,26 @@ _U64 = 1 << 64
 #: that each field survives a parse and re-encode byte for byte).
 HANDLED: dict[str, frozenset[str]] = {
     "Tensor": frozenset({"dtype", "shape", "data"}),
-    "NormalizeRequest": frozenset({"session_id", "mode", "input", "statistics_only"}),
-    "NormalizeResponse": frozenset({"output", "mean", "var", "version", "batch_statistics"}),
+    "NormalizeRequest": frozenset(
+        {"session_id", "mode", "input", "statistics_only", "idempotency_key"}
+    ),
+    "NormalizeResponse": frozenset(
+        {"output", "mean", "var", "version", "batch_statistics", "replayed"}
+    ),
     "NormalizeStreamRequest": frozenset(
-        {"session_id", "mode", "chunk", "end_of_batch", "statistics_only"}
+        {"session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key"}
     ),
     "NormalizeStreamResponse": frozenset(
-        {"batch_index", "chunk", "end_of_batch", "mean", "var", "version", "batch_statistics"}
+        {
+            "batch_index",
+            "chunk",
+            "end_of_batch",
+            "mean",
+            "var",
+            "version",
+            "batch_statistics",
+            "replayed",
+        }
     ),
 }
 
@@ -185,6 +198,7 @@ class NormalizeFrame:
     statistics_only: bool = False
     end_of_batch: bool = False
     has_tensor: bool = False
+    idempotency_key: str = ""
     _buf: memoryview | None = None
     _span: tuple[int, int] = (0, 0)
     _name: str = ""
@@ -208,6 +222,7 @@ class _RequestFields:
     tensor_name: str
     statistics_only: int
     end_of_batch: int
+    idempotency_key: int
 
 
 _REQUEST = _RequestFields(
@@ -217,6 +232,7 @@ _REQUEST = _RequestFields(
     tensor_name="input",
     statistics_only=_number(pb.NormalizeRequest, "statistics_only", _VARINT),
     end_of_batch=0,
+    idempotency_key=_number(pb.NormalizeRequest, "idempotency_key", _LEN),
 )
 _STREAM_REQUEST = _RequestFields(
     session_id=_number(pb.NormalizeStreamRequest, "session_id", _LEN),
@@ -225,6 +241,7 @@ _STREAM_REQUEST = _RequestFields(
     tensor_name="chunk",
     statistics_only=_number(pb.NormalizeStreamRequest, "statistics_only", _VARINT),
     end_of_batch=_number(pb.NormalizeStreamRequest, "end_of_batch", _VARINT),
+    idempotency_key=_number(pb.NormalizeStreamRequest, "idempotency_key", _LEN),
 )
 
 
@@ -245,6 +262,8 @@ def _frame(raw: bytes, f: _RequestFields) -> NormalizeFrame:
                 spans.append(value)
             elif number == sid_n:
                 frame.session_id = _text(buf, value, "session_id")
+            elif number == f.idempotency_key:
+                frame.idempotency_key = _text(buf, value, "idempotency_key")
         elif wire == _VARINT:
             if number == mode_n:
                 frame.mode = _signed(value)
@@ -281,6 +300,7 @@ class StreamAnswer:
     var: torch.Tensor | None = None
     version: int = 0
     batch_statistics: bool = False
+    replayed: bool = False
 
 
 def _answer_fields(
@@ -297,12 +317,18 @@ def _answer_fields(
 _RESPONSE = _answer_fields(
     pb.NormalizeResponse,
     {"output": "output", "mean": "mean", "var": "var"},
-    {"version": int, "batch_statistics": bool},
+    {"version": int, "batch_statistics": bool, "replayed": bool},
 )
 _STREAM_RESPONSE = _answer_fields(
     pb.NormalizeStreamResponse,
     {"chunk": "output", "mean": "mean", "var": "var"},
-    {"batch_index": int, "end_of_batch": bool, "version": int, "batch_statistics": bool},
+    {
+        "batch_index": int,
+        "end_of_batch": bool,
+        "version": int,
+        "batch_statistics": bool,
+        "replayed": bool,
+    },
 )
 
 
@@ -399,14 +425,20 @@ _K_RQ_SESSION_ID = _key(_RQ, "session_id", _LEN)
 _K_RQ_MODE = _key(_RQ, "mode", _VARINT)
 _K_RQ_INPUT = _key(_RQ, "input", _LEN)
 _K_RQ_STATISTICS_ONLY = _key(_RQ, "statistics_only", _VARINT)
+_K_RQ_IDEMPOTENCY_KEY = _key(_RQ, "idempotency_key", _LEN)
 
 
 def encode_normalize_request(
-    session_id: str, mode: int, tensor: torch.Tensor, statistics_only: bool
+    session_id: str,
+    mode: int,
+    tensor: torch.Tensor,
+    statistics_only: bool,
+    idempotency_key: str = "",
 ) -> bytes:
     parts = [_string(_K_RQ_SESSION_ID, session_id), _scalar(_K_RQ_MODE, mode)]
     parts += _tensor_parts(_K_RQ_INPUT, tensor)
     parts.append(_scalar(_K_RQ_STATISTICS_ONLY, int(statistics_only)))
+    parts.append(_string(_K_RQ_IDEMPOTENCY_KEY, idempotency_key))
     return b"".join(parts)
 
 
@@ -416,6 +448,7 @@ _K_SQ_MODE = _key(_SQ, "mode", _VARINT)
 _K_SQ_CHUNK = _key(_SQ, "chunk", _LEN)
 _K_SQ_END_OF_BATCH = _key(_SQ, "end_of_batch", _VARINT)
 _K_SQ_STATISTICS_ONLY = _key(_SQ, "statistics_only", _VARINT)
+_K_SQ_IDEMPOTENCY_KEY = _key(_SQ, "idempotency_key", _LEN)
 
 
 def encode_stream_request(
@@ -424,6 +457,7 @@ def encode_stream_request(
     tensor: torch.Tensor | None,
     end_of_batch: bool,
     statistics_only: bool,
+    idempotency_key: str = "",
 ) -> bytes:
     parts = [_string(_K_SQ_SESSION_ID, session_id), _scalar(_K_SQ_MODE, mode)]
     if tensor is not None:
@@ -431,6 +465,7 @@ def encode_stream_request(
     parts += [
         _scalar(_K_SQ_END_OF_BATCH, int(end_of_batch)),
         _scalar(_K_SQ_STATISTICS_ONLY, int(statistics_only)),
+        _string(_K_SQ_IDEMPOTENCY_KEY, idempotency_key),
     ]
     return b"".join(parts)
 
@@ -441,6 +476,7 @@ _K_RS_MEAN = _key(_RS, "mean", _LEN)
 _K_RS_VAR = _key(_RS, "var", _LEN)
 _K_RS_VERSION = _key(_RS, "version", _VARINT)
 _K_RS_BATCH_STATISTICS = _key(_RS, "batch_statistics", _VARINT)
+_K_RS_REPLAYED = _key(_RS, "replayed", _VARINT)
 
 
 def encode_normalize_response(
@@ -449,6 +485,7 @@ def encode_normalize_response(
     var: torch.Tensor,
     version: int,
     batch_statistics: bool,
+    replayed: bool = False,
 ) -> bytes:
     parts: list[Any] = []
     if output is not None:
@@ -457,6 +494,7 @@ def encode_normalize_response(
     parts += [
         _scalar(_K_RS_VERSION, version),
         _scalar(_K_RS_BATCH_STATISTICS, int(batch_statistics)),
+        _scalar(_K_RS_REPLAYED, int(replayed)),
     ]
     return b"".join(parts)
 
@@ -469,6 +507,7 @@ _K_SS_MEAN = _key(_SS, "mean", _LEN)
 _K_SS_VAR = _key(_SS, "var", _LEN)
 _K_SS_VERSION = _key(_SS, "version", _VARINT)
 _K_SS_BATCH_STATISTICS = _key(_SS, "batch_statistics", _VARINT)
+_K_SS_REPLAYED = _key(_SS, "replayed", _VARINT)
 
 
 def encode_stream_response(
@@ -479,6 +518,7 @@ def encode_stream_response(
     var: torch.Tensor | None = None,
     version: int = 0,
     batch_statistics: bool = False,
+    replayed: bool = False,
 ) -> bytes:
     parts: list[Any] = [_scalar(_K_SS_BATCH_INDEX, batch_index)]
     if chunk is not None:
@@ -491,5 +531,6 @@ def encode_stream_response(
     parts += [
         _scalar(_K_SS_VERSION, version),
         _scalar(_K_SS_BATCH_STATISTICS, int(batch_statistics)),
+        _scalar(_K_SS_REPLAYED, int(replayed)),
     ]
     return b"".join(parts)

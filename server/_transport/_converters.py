@@ -16,9 +16,8 @@ from normserve.server.service import (
     Mode,
     NormalizeCall,
     NormalizeResult,
-    Session,
     SessionConfig,
-    SessionState,
+    SessionView,
     check_session_id,
     shown,
 )
@@ -65,6 +64,7 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         allow_non_finite=msg.allow_non_finite,
         device=msg.device or "auto",
         kind=kind,
+        ttl_seconds=msg.ttl_seconds if msg.HasField("ttl_seconds") else None,
     )
     weight = (
         tensor_from_proto(msg.initial_weight, "config.initial_weight")
@@ -79,7 +79,7 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
     return cfg, weight, bias
 
 
-def _config_out(cfg: SessionConfig) -> pb.SessionConfig:
+def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     msg = pb.SessionConfig(
         kind=_KINDS_OUT[cfg.kind],
         num_features=cfg.num_features,
@@ -88,6 +88,7 @@ def _config_out(cfg: SessionConfig) -> pb.SessionConfig:
         track_running_stats=cfg.track_running_stats,
         device=cfg.device,
         allow_non_finite=cfg.allow_non_finite,
+        ttl_seconds=ttl_seconds,
     )
     if cfg.momentum is not None:
         msg.momentum = cfg.momentum
@@ -100,17 +101,19 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def session(s: Session, with_tensors: bool = True, state: SessionState | None = None) -> pb.Session:
-    st = s.state if state is None else state
+def session(view: SessionView, with_tensors: bool = True) -> pb.Session:
+    s, st = view.session, view.state
     msg = pb.Session(
         session_id=s.session_id,
-        config=_config_out(s.config),
+        config=_config_out(s.config, s.ttl_seconds),
         device=str(s.device),
         version=st.version,
         num_batches_tracked=st.num_batches_tracked,
         create_time=_timestamp(s.create_time),
         update_time=_timestamp(st.update_time),
     )
+    if view.expire_time is not None:
+        msg.expire_time.CopyFrom(_timestamp(view.expire_time))
     if with_tensors:
         for name in ("running_mean", "running_var", "weight", "bias"):
             value = getattr(st, name)
@@ -144,13 +147,20 @@ def normalize_call(raw: bytes) -> NormalizeCall:
     """A NormalizeRequest's bytes -> the service's call (the tensor decoded on demand)."""
     req = wire.parse_normalize_request(raw)
     return NormalizeCall(
-        req.session_id, lambda: mode(req.mode), req.tensor, req.statistics_only, len(raw)
+        req.session_id,
+        lambda: mode(req.mode),
+        req.tensor,
+        req.statistics_only,
+        len(raw),
+        req.idempotency_key,
     )
 
 
 def normalize_response(r: NormalizeResult) -> bytes:
     """An encoded NormalizeResponse (one copy of the output, see normserve.wire)."""
-    return wire.encode_normalize_response(r.output, r.mean, r.var, r.version, r.batch_statistics)
+    return wire.encode_normalize_response(
+        r.output, r.mean, r.var, r.version, r.batch_statistics, r.replayed
+    )
 
 
 async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[Chunk, int]]:
@@ -167,6 +177,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[C
             req.statistics_only,
             req.tensor if req.has_tensor else None,
             mode,
+            req.idempotency_key,
         )
         yield chunk, len(raw)
 
@@ -178,5 +189,12 @@ def stream_answer(
     if head is None:
         return wire.encode_stream_response(batch_index, out, last)
     return wire.encode_stream_response(
-        batch_index, out, last, head.mean, head.var, head.version, head.batch_statistics
+        batch_index,
+        out,
+        last,
+        head.mean,
+        head.var,
+        head.version,
+        head.batch_statistics,
+        head.replayed,
     )

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from normserve.server._transport._context import current_request_id
 from normserve.server.service import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     IdleTimeout,
@@ -25,6 +26,7 @@ from normserve.server.service import (
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
+    Unavailable,
 )
 from normserve.wire import TensorFormatError
 
@@ -47,6 +49,8 @@ ERROR_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     # a message of another service (health, reflection) that protobuf cannot parse
     DecodeError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -38,46 +38,46 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
         self, request: pb.CreateSessionRequest, context: Context
     ) -> pb.CreateSessionResponse:
         cfg, weight, bias = conv.config(request.config)
-        s = self._as_caller().create_session(cfg, request.session_id, weight, bias)
-        return pb.CreateSessionResponse(session=conv.session(s))
+        view = await self._as_caller().create_session(cfg, request.session_id, weight, bias)
+        return pb.CreateSessionResponse(session=conv.session(view))
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
-        s = self._as_caller().get_session(request.session_id)
-        return pb.GetSessionResponse(session=conv.session(s, not request.omit_tensors))
+        view = await self._as_caller().get_session(request.session_id)
+        return pb.GetSessionResponse(session=conv.session(view, not request.omit_tensors))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        page, token = self._as_caller().list_sessions(request.page_size, request.page_token)
+        page, token = await self._as_caller().list_sessions(request.page_size, request.page_token)
         return pb.ListSessionsResponse(
-            sessions=[conv.session(s, with_tensors=False) for s in page], next_page_token=token
+            sessions=[conv.session(v, with_tensors=False) for v in page], next_page_token=token
         )
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
-        self._as_caller().delete_session(request.session_id)
+        await self._as_caller().delete_session(request.session_id)
         return pb.DeleteSessionResponse()
 
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: Context
     ) -> pb.ResetSessionResponse:
-        s, state = self._as_caller().reset_session(request.session_id)
-        return pb.ResetSessionResponse(session=conv.session(s, state=state))
+        view = await self._as_caller().reset_session(request.session_id)
+        return pb.ResetSessionResponse(session=conv.session(view))
 
     async def ExportState(
         self, request: pb.ExportStateRequest, context: Context
     ) -> pb.ExportStateResponse:
-        return conv.export_response(*self._as_caller().export_state(request.session_id))
+        return conv.export_response(*await self._as_caller().export_state(request.session_id))
 
     async def ImportState(
         self, request: pb.ImportStateRequest, context: Context
     ) -> pb.ImportStateResponse:
         entries = conv.state_entries(list(request.entries))
-        s, state = self._as_caller().import_state(request.session_id, entries, request.strict)
-        return pb.ImportStateResponse(session=conv.session(s, state=state))
+        view = await self._as_caller().import_state(request.session_id, entries, request.strict)
+        return pb.ImportStateResponse(session=conv.session(view))
 
     # The two methods that carry tensors take and return raw bytes: normserve.wire reads them
     # zero-copy and writes them with one copy (see handlers()).

@@ -3,7 +3,7 @@
 It could sit behind any transport: ``NormalizerService`` (the facade) takes and returns plain
 Python values and torch tensors, and raises the ``ServiceError`` hierarchy (see ``_errors``).
 Layout: ``kinds`` (each normalization's math behind one interface), ``_session`` (ordering and
-commits, kind-agnostic), ``_store`` (where state is kept), ``_chunked`` and ``_stream`` (batches
+commits, kind-agnostic), ``stores`` (where state is kept: memory, local files, Redis), ``_chunked`` and ``_stream`` (batches
 that arrive in chunks), ``_manager`` (the registry, a namespace per tenant), ``_quotas`` (what each tenant may hold),
 ``_facade`` (what a transport calls).
 """
@@ -21,6 +21,7 @@ from normserve.server.service._config import (
     resolve_device,
 )
 from normserve.server.service._errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     IdleTimeout,
@@ -30,11 +31,13 @@ from normserve.server.service._errors import (
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
+    Unavailable,
 )
 from normserve.server.service._facade import (
     Chunk,
     NormalizeCall,
     NormalizerService,
+    SessionView,
     StageObserver,
     StreamEncoder,
 )
@@ -53,8 +56,15 @@ from normserve.server.service._quotas import (
 )
 from normserve.server.service._session import NormalizeResult, Session
 from normserve.server.service._state import MAX_BATCHES_TRACKED, SessionState
-from normserve.server.service._store import Conflict, MemoryStore, StateStore
 from normserve.server.service._stream import StreamBuffers
+from normserve.server.service.stores import (
+    Conflict,
+    KeyPolicy,
+    MemoryStore,
+    StateStore,
+    StoreUnavailable,
+    open_store,
+)
 
 __all__ = [
     "ANSWER_OVERHEAD_BYTES",
@@ -62,6 +72,7 @@ __all__ = [
     "DEFAULT_TENANT",
     "MAX_BATCHES_TRACKED",
     "QUOTAS",
+    "Aborted",
     "AlreadyExists",
     "Chunk",
     "ChunkedBatch",
@@ -70,6 +81,7 @@ __all__ = [
     "IdleTimeout",
     "IncompleteStream",
     "InvalidArgument",
+    "KeyPolicy",
     "Kind",
     "MemoryStore",
     "Mode",
@@ -85,14 +97,18 @@ __all__ = [
     "SessionConfig",
     "SessionManager",
     "SessionState",
+    "SessionView",
     "StageObserver",
     "StateStore",
+    "StoreUnavailable",
     "StreamBuffers",
     "StreamEncoder",
     "TenantQuotas",
     "Unauthenticated",
+    "Unavailable",
     "check_session_id",
     "max_features_for",
+    "open_store",
     "resolve_device",
     "shown",
     "state_bytes",

@@ -22,10 +22,13 @@ class ChunkedBatch:
     ``finish``, so a batch that fails half-way leaves the session exactly as it was. A batch that
     needs no statistics of its own (EVAL with running statistics) is answered chunk by chunk."""
 
-    def __init__(self, session: Session, mode: Mode, statistics_only: bool) -> None:
+    def __init__(
+        self, session: Session, mode: Mode, statistics_only: bool, idempotency_key: str = ""
+    ) -> None:
         self.session = session
         self.mode = mode
         self.statistics_only = statistics_only
+        self.idempotency_key = idempotency_key
         self._t_compute = 0.0
         # the first chunk's dtype and trailing dims, not the chunk: a batch keeps no chunk it
         # does not count against the stream's buffer bounds
@@ -95,6 +98,14 @@ class ChunkedBatch:
         assert st.running_mean is not None and st.running_var is not None
         return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
 
+    def _idempotency(self, shape: list[int], dtype: torch.dtype) -> Any:
+        if not self.idempotency_key:
+            return None
+        probe = torch.empty([0, *shape[1:]], dtype=dtype)
+        return self.session.idempotency(
+            self.idempotency_key, self.mode, probe, self.statistics_only, shape[0]
+        )
+
     def finish(self) -> tuple[NormalizeResult, int]:
         """Applies the batch (TRAIN); returns the result and how many output chunks ``outputs()``
         will give (one per input chunk). Raises InvalidArgument (nothing applied) if the batch is
@@ -118,9 +129,12 @@ class ChunkedBatch:
                 prepared.append(prep)
                 return step
 
-            step, version, waited = s.update(compute, "chunk", empty)
+            idem = self._idempotency(shape, first[0])
+            step, version, waited, ticket, replayed = s.update(
+                compute, "chunk", empty, idempotency=idem
+            )
             self._prepared = prepared[-1]
-            result = s.result(step, version, True, waited, t0)
+            result = s.result(step, version, True, waited, t0, replayed, ticket)
         else:
             step, self._prepared = kind.finish(
                 self._partial, shape, self._state, mode, self._state.num_batches_tracked

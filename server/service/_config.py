@@ -67,6 +67,8 @@ class SessionConfig:
     #: "auto" (the server's default), "cpu", "cuda" or "cuda:N".
     device: str = "auto"
     kind: Kind = Kind.BATCH_NORM
+    #: idle seconds before the session expires (0: never; None: the server's default)
+    ttl_seconds: float | None = None
 
     def validate(self, max_features: int = DEFAULT_MAX_FEATURES) -> None:
         """Raises InvalidArgument naming the first bad field. ``max_features`` is the server's

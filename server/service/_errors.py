@@ -8,12 +8,15 @@ ServiceError
  +-- FailedPrecondition  valid, but not in this server's state (e.g. CUDA asked, none here)
  +-- ResourceExhausted   a server limit (session count, message size) is reached
  +-- IdleTimeout         a stream sent nothing for the server's idle timeout
+ +-- Aborted             an update lost too many races with other processes (retry)
+ +-- Unavailable         the session store cannot be reached; nothing was applied (retry)
  +-- Unauthenticated     a caller without a valid credential (a transport's check)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Aborted",
     "AlreadyExists",
     "FailedPrecondition",
     "IdleTimeout",
@@ -23,6 +26,7 @@ __all__ = [
     "ResourceExhausted",
     "ServiceError",
     "Unauthenticated",
+    "Unavailable",
 ]
 
 
@@ -64,4 +68,12 @@ class IdleTimeout(ServiceError):
 
 
 class Unauthenticated(ServiceError):
+    pass
+
+
+class Aborted(ServiceError):
+    pass
+
+
+class Unavailable(ServiceError):
     pass

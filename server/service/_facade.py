@@ -9,8 +9,12 @@ default tenant's.
 
 Concurrency: the facade is asyncio. Tensor work runs on a bounded thread pool (``workers``), so a
 call waiting for the network (an idle stream, a client sending slowly) holds no thread; small
-calls that change nothing run on the event loop itself, where a thread hop would cost more than
-the work.
+calls run on the event loop itself, where a thread hop would cost more than the work, unless the
+store does I/O (a shared store: every state read and commit is a round trip), which runs on the
+pool.
+
+Durability: a change is answered only once its store's ticket completes (the strict local
+store's group commit); the wait holds no thread.
 """
 
 from __future__ import annotations
@@ -30,17 +34,19 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
-from normserve.server.service._errors import ResourceExhausted
+from normserve.server.service._errors import NotFound, ResourceExhausted
 from normserve.server.service._manager import SessionManager
 from normserve.server.service._quotas import TenantQuotas
 from normserve.server.service._session import Busy, NormalizeResult, Session
 from normserve.server.service._state import SessionState
 from normserve.server.service._stream import Chunk, StreamBuffers, StreamEncoder, serve_stream
+from normserve.server.service.stores import Ticket
 
 __all__ = [
     "Chunk",
     "NormalizeCall",
     "NormalizerService",
+    "SessionView",
     "StageObserver",
     "StreamEncoder",
 ]
@@ -80,6 +86,15 @@ class _NoStages:
 
 
 @dataclass(frozen=True)
+class SessionView:
+    """A session as an answer shows it: its state read at one moment, and when it expires."""
+
+    session: Session
+    state: SessionState
+    expire_time: float | None
+
+
+@dataclass(frozen=True)
 class NormalizeCall:
     """One unary normalization; ``tensor`` decodes the input (timed as the decode stage).
     ``nbytes``, the request's size, counts against the tenant's in-flight bytes until the answer
@@ -90,6 +105,7 @@ class NormalizeCall:
     tensor: Callable[[], torch.Tensor]
     statistics_only: bool = False
     nbytes: int = 0
+    idempotency_key: str = ""
 
 
 class NormalizerService:
@@ -112,6 +128,9 @@ class NormalizerService:
         self.stages: StageObserver = stages or _NoStages()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._views: dict[str, NormalizerService] = {}
+        #: the store is in this process (memory, local files): its reads and commits may run on
+        #: the event loop
+        self.local_store = not sessions.store.shared
 
     @property
     def tenant(self) -> str:
@@ -143,38 +162,83 @@ class NormalizerService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(ctx.run, fn, *args))
 
-    # ---- sessions: small, in-memory, answered on the loop
+    # ---- sessions: small; on the loop unless the store does I/O
 
-    def create_session(
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """A session operation: on the loop with a store in this process, on the pool with a
+        store that does I/O."""
+        if self.local_store:
+            return fn(*args)
+        return await self.compute(fn, *args)
+
+    @staticmethod
+    async def durable(ticket: Ticket) -> None:
+        """Waits (holding no thread) until a change is as durable as its store makes it."""
+        if ticket is not None:
+            await asyncio.wrap_future(ticket)
+
+    @staticmethod
+    def _view(session: Session, state: SessionState | None = None) -> SessionView:
+        if state is None:
+            state = session.read_state(touch=False)
+        return SessionView(session, state, session.expire_time())
+
+    async def create_session(
         self,
         config: SessionConfig,
         session_id: str = "",
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
-    ) -> Session:
-        return self.sessions.create(config, session_id, weight, bias)
+    ) -> SessionView:
+        def create() -> SessionView:
+            s = self.sessions.create(config, session_id, weight, bias)
+            return self._view(s)
 
-    def get_session(self, session_id: str) -> Session:
-        return self.sessions.get(session_id)
+        view = await self._run(create)
+        await self.durable(view.session.created)
+        return view
 
-    def list_sessions(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
-        return self.sessions.list(page_size, page_token)
+    async def get_session(self, session_id: str) -> SessionView:
+        return await self._run(lambda: self._view(self.sessions.get(session_id)))
 
-    def delete_session(self, session_id: str) -> None:
-        self.sessions.delete(session_id)
+    async def list_sessions(self, page_size: int, page_token: str) -> tuple[list[SessionView], str]:
+        def page() -> tuple[list[SessionView], str]:
+            sessions, token = self.sessions.list(page_size, page_token)
+            views = []
+            for s in sessions:
+                with contextlib.suppress(NotFound):  # deleted meanwhile: not listed
+                    views.append(self._view(s))
+            return views, token
 
-    def reset_session(self, session_id: str) -> tuple[Session, SessionState]:
-        s = self.sessions.get(session_id)
-        return s, s.reset()
+        return await self._run(page)
 
-    def export_state(self, session_id: str) -> tuple[OrderedDict[str, torch.Tensor], int]:
-        return self.sessions.get(session_id).export_state()
+    async def delete_session(self, session_id: str) -> None:
+        await self.durable(await self._run(self.sessions.delete, session_id))
 
-    def import_state(
+    async def reset_session(self, session_id: str) -> SessionView:
+        def reset() -> tuple[SessionView, Ticket]:
+            s = self.sessions.get(session_id)
+            state, ticket = s.reset()
+            return self._view(s, state), ticket
+
+        view, ticket = await self._run(reset)
+        await self.durable(ticket)
+        return view
+
+    async def export_state(self, session_id: str) -> tuple[OrderedDict[str, torch.Tensor], int]:
+        return await self._run(lambda: self.sessions.get(session_id).export_state())
+
+    async def import_state(
         self, session_id: str, entries: dict[str, torch.Tensor], strict: bool
-    ) -> tuple[Session, SessionState]:
-        s = self.sessions.get(session_id)
-        return s, s.import_state(entries, strict)
+    ) -> SessionView:
+        def load() -> tuple[SessionView, Ticket]:
+            s = self.sessions.get(session_id)
+            state, ticket = s.import_state(entries, strict)
+            return self._view(s, state), ticket
+
+        view, ticket = await self._run(load)
+        await self.durable(ticket)
+        return view
 
     # ---- normalization
 
@@ -212,12 +276,14 @@ class NormalizerService:
         session.check_input(x)
         self.check_answer(x, call.statistics_only)
         result = None
-        if x.numel() * x.element_size() <= INLINE_BYTES:
+        key = call.idempotency_key
+        if self.local_store and x.numel() * x.element_size() <= INLINE_BYTES:
             # a thread hop costs more than this work; never wait for a lock on the loop, though
             with contextlib.suppress(Busy):
-                result = session.normalize(x, mode, call.statistics_only, blocking=False)
+                result = session.normalize(x, mode, call.statistics_only, False, key)
         if result is None:
-            result = await self.compute(session.normalize, x, mode, call.statistics_only)
+            result = await self.compute(session.normalize, x, mode, call.statistics_only, True, key)
+        await self.durable(result.durable)
         t2 = perf_counter()
         answer = encode(result)
         self.record("Normalize", session, mode, result, x.numel(), t1 - t0, perf_counter() - t2)

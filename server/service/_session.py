@@ -1,7 +1,7 @@
 """A session: one remote normalization layer, and how calls read and change its state.
 
 The session is kind-agnostic: the math is its kind's (``kinds``), the keeping is its store's
-(``_store``). It orders updates and checks everything it would commit.
+(``stores``). It orders updates and checks everything it would commit.
 
 Concurrency model: state is an immutable snapshot. A call that changes it (a TRAIN batch with
 running statistics, reset, import) computes the next snapshot under the session's lock and commits
@@ -11,31 +11,57 @@ update) under the lock: the update must follow the state it was computed from, a
 cheaper than computing outside and folding in afterwards. A chunked TRAIN batch merges its
 statistics without the lock and holds it only to fold them in. Calls that change nothing (EVAL,
 batch statistics without tracking) read the current snapshot without locking, so they never wait.
+
+Across processes (a shared store), the lock orders only this process's updates: an update starts
+from the latest state this process knows and commits with compare-and-set; when another process
+committed first, it is computed again from the state the store returns (``Conflict``). An update
+with an idempotency key that the store has seen applied is answered with that update's version
+and changes nothing; the batch's own statistics and output are recomputed from the request, so
+the answer equals the first.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from normserve.server.service._config import Mode, SessionConfig
-from normserve.server.service._errors import FailedPrecondition, InvalidArgument, NotFound
+from normserve.server.service._errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from normserve.server.service._state import MAX_BATCHES_TRACKED, SessionState
-from normserve.server.service._store import Conflict, StateStore
 from normserve.server.service.kinds import Normalization, Step, for_config
+from normserve.server.service.stores import (
+    AlreadyApplied,
+    Conflict,
+    Idempotency,
+    SessionRecord,
+    StateStore,
+    Ticket,
+    fingerprint,
+)
 
 if TYPE_CHECKING:
     from normserve.server.service._chunked import ChunkedBatch
 
-__all__ = ["Busy", "NormalizeResult", "Session"]
+__all__ = ["MAX_CONFLICTS", "Busy", "NormalizeResult", "Session"]
+
+#: Compare-and-set attempts of one update before it gives up (ABORTED: safe to retry). Each retry
+#: follows another process's commit, so this many in a row means a session under heavy contention.
+MAX_CONFLICTS = 64
 
 
 class Busy(Exception):
@@ -53,6 +79,22 @@ class NormalizeResult:
     batch_statistics: bool
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
+    #: the idempotency key had been applied: this answers that call, nothing was applied now
+    replayed: bool = False
+    #: completes once the change is durable (None: it is); the answer waits for it
+    durable: Ticket = None
+
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def check_idempotency_key(key: str) -> None:
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidArgument(
+            "idempotency_key",
+            f"must be 1-128 printable ASCII characters without spaces (a UUID), got "
+            f"{len(key)} characters",
+        )
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -72,15 +114,34 @@ class Session:
         store: StateStore,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        *,
+        key: str = "",
+        ttl_seconds: float = 0.0,
+        record: SessionRecord | None = None,
     ) -> None:
-        """Validates the initial parameters; the state is committed by ``create``."""
+        """Validates the initial parameters; the state is committed by ``create``. With
+        ``record``, the session already exists in the store (created by another process, or
+        before a restart): nothing is validated or committed. ``key`` is its key in the store
+        (the id by default)."""
         self.session_id = session_id
+        self.key = key or session_id
         self.config = config
         self.device = device
         self.kind: Normalization = for_config(config)
-        self.create_time = time.time()
         self._store = store
         self._lock = threading.Lock()
+        #: when this process last used the session (the idle TTL of stores that do not keep it)
+        self.last_used = time.time()
+        #: called when the store no longer has the session (another process deleted it)
+        self.on_gone: Callable[[Session], object] | None = None
+        #: the ticket of the store's creation (the answer to a create waits for it)
+        self.created: Ticket = None
+        if record is not None:
+            self.record = record
+            self.create_time = record.create_time
+            return
+        self.create_time = time.time()
+        self.record = SessionRecord(config, self.create_time, uuid.uuid4().hex, ttl_seconds)
         params: dict[str, torch.Tensor | None] = {"weight": None, "bias": None}
         if config.affine:
             params = dict(self.kind.initial_params(device))
@@ -101,34 +162,100 @@ class Session:
             weight=params["weight"],
             bias=params["bias"],
             update_time=self.create_time,
+            uid=self.record.uid,
         )
 
-    def create(self) -> None:
-        """Commits the initial state (version 1)."""
-        self._store.commit(self.session_id, self._initial, 0)
+    @property
+    def ttl_seconds(self) -> float:
+        return self.record.ttl_seconds
 
-    def close(self) -> None:
+    def expire_time(self) -> float | None:
+        """When the session expires unless used before (None: never)."""
+        if not self.record.ttl_seconds:
+            return None
+        kept = self._store.expire_time(self.key)
+        return kept if kept is not None else self.last_used + self.record.ttl_seconds
+
+    def create(self) -> Ticket:
+        """Stores the record and the initial state (version 1); Conflict if the key is taken."""
+        return self._store.create(self.key, self.record, self._initial)
+
+    def close(self) -> Ticket:
         """Drops the state once an update in flight has committed (deleting a session lets calls
         already running on it finish; later ones see NOT_FOUND)."""
         with self._lock:
-            self._store.drop(self.session_id)
+            return self._store.drop(self.key)
+
+    def _gone(self) -> NotFound:
+        if self.on_gone is not None:
+            self.on_gone(self)
+        return NotFound(f"session {self.session_id!r} was deleted (or expired)")
+
+    def _mine(self, s: SessionState) -> SessionState:
+        """``s`` if it is this session's (not a session re-created under its id elsewhere), on
+        this session's device."""
+        if s.uid != self.record.uid:
+            raise self._gone()
+        if s.running_mean is not None and s.running_mean.device != self.device:
+            moved: dict[str, torch.Tensor | None] = {}
+            for k in ("running_mean", "running_var", "weight", "bias"):
+                t = getattr(s, k)
+                moved[k] = None if t is None else t.to(self.device)
+            s = replace(s, **moved)  # type: ignore[arg-type]
+        return s
+
+    def read_state(self, touch: bool = True) -> SessionState:
+        """The current snapshot (never mutated in place); ``touch``: as a use of the session."""
+        if touch:
+            self.last_used = time.time()
+        try:
+            return self._mine(self._store.read(self.key, touch))
+        except KeyError:
+            raise self._gone() from None
 
     @property
     def state(self) -> SessionState:
-        """The current snapshot (never mutated in place)."""
-        try:
-            return self._store.read(self.session_id)
-        except KeyError:
-            raise NotFound(f"session {self.session_id!r} was deleted") from None
+        """The current snapshot, read as a use of the session."""
+        return self.read_state(True)
 
-    def _commit(self, state: SessionState, expected_version: int) -> None:
+    def _transition(
+        self,
+        compute: Callable[[SessionState], SessionState],
+        idempotency: Idempotency | None = None,
+    ) -> tuple[SessionState, SessionState, Ticket | AlreadyApplied]:
+        """Under the lock: the state an update starts from, the state it commits, and the
+        commit's ticket (or the AlreadyApplied of a replayed idempotency key). Recomputes after a
+        Conflict (another process committed first). ``compute`` may raise to change nothing."""
+        self.last_used = time.time()
         try:
-            self._store.commit(self.session_id, state, expected_version)
-        except Conflict:
-            # updates to a session are ordered by its lock: only a delete can intervene
-            raise NotFound(
-                f"session {self.session_id!r} was deleted during the call; nothing was applied"
-            ) from None
+            s = self._mine(self._store.latest(self.key))
+        except KeyError:
+            raise self._gone() from None
+        for _ in range(MAX_CONFLICTS):
+            new = compute(s)
+            try:
+                return s, new, self._store.commit(self.key, new, s.version, idempotency)
+            except AlreadyApplied as applied:
+                return s, s, applied
+            except Conflict as conflict:
+                if conflict.current is None:
+                    raise NotFound(
+                        f"session {self.session_id!r} was deleted during the call; nothing was "
+                        "applied"
+                    ) from None
+                s = self._mine(conflict.current)
+        raise Aborted(
+            f"session {self.session_id!r}: {MAX_CONFLICTS} updates from other processes won "
+            "the race for this one; nothing was applied, retry"
+        )
+
+    def _commit(
+        self, compute: Callable[[SessionState], SessionState]
+    ) -> tuple[SessionState, Ticket]:
+        """An update without idempotency (reset, import): the state committed and its ticket."""
+        _, new, ticket = self._transition(compute)
+        assert not isinstance(ticket, AlreadyApplied)
+        return new, ticket
 
     def check_input(self, x: torch.Tensor, field: str = "input") -> None:
         self.kind.check_input(x, field)
@@ -176,28 +303,54 @@ class Session:
         field: str,
         empty: bool,
         blocking: bool = True,
-    ) -> tuple[Step, int, float]:
+        idempotency: Idempotency | None = None,
+    ) -> tuple[Step, int, float, Ticket, bool]:
         """Computes a step from the current state under the lock, checks it, commits it.
-        Returns (step, version after, seconds waited for the lock). Without ``blocking``, raises
-        Busy at once if another update holds the lock."""
+        Returns (step, version after, seconds waited for the lock, the commit's ticket, whether
+        the idempotency key had been applied: then nothing was, and the version is that call's).
+        Without ``blocking``, raises Busy at once if another update holds the lock."""
         t0 = time.perf_counter()
         if not self._lock.acquire(blocking):
             raise Busy(self.session_id)
         try:
             waited = time.perf_counter() - t0
-            s = self.state
-            n = self._next_count(s)
-            step = compute(s, n)
-            self.check_step(step, field, empty)  # before the commit: a bad batch changes nothing
-            assert step.running is not None
-            new = s.advanced(num_batches_tracked=n, **step.running)
-            self._commit(new, s.version)
-            return step, new.version, waited
+            steps: list[Step] = []
+
+            def next_state(s: SessionState) -> SessionState:
+                n = self._next_count(s)
+                step = compute(s, n)
+                self.check_step(
+                    step, field, empty
+                )  # before the commit: a bad batch changes nothing
+                steps.append(step)
+                assert step.running is not None
+                return s.advanced(num_batches_tracked=n, **step.running)
+
+            _, new, ticket = self._transition(next_state, idempotency)
+            if isinstance(ticket, AlreadyApplied):
+                assert idempotency is not None
+                applied = ticket.applied
+                if applied.fingerprint != idempotency.fingerprint:
+                    raise InvalidArgument(
+                        "idempotency_key",
+                        f"{idempotency.key!r} was applied to another request ({applied.fingerprint}"
+                        f"; this one is {idempotency.fingerprint}): every call needs a key of its "
+                        "own; nothing was applied",
+                    )
+                return steps[-1], applied.version, waited, None, True
+            return steps[-1], new.version, waited, ticket, False
         finally:
             self._lock.release()
 
     def result(
-        self, step: Step, version: int, batch: bool, waited: float, t_start: float
+        self,
+        step: Step,
+        version: int,
+        batch: bool,
+        waited: float,
+        t_start: float,
+        replayed: bool = False,
+        durable: Ticket = None,
     ) -> NormalizeResult:
         """A step as the caller sees it: float32 statistics, the compute time since ``t_start``
         (less the wait for the lock)."""
@@ -208,15 +361,23 @@ class Session:
         if mean.dtype != torch.float32:
             mean, var = mean.float(), var.float()
         compute = time.perf_counter() - t_start - waited
-        return NormalizeResult(step.output, mean, var, version, batch, waited, compute)
+        return NormalizeResult(
+            step.output, mean, var, version, batch, waited, compute, replayed, durable
+        )
 
     # ---- calls
 
     def normalize(
-        self, x: torch.Tensor, mode: Mode, statistics_only: bool = False, blocking: bool = True
+        self,
+        x: torch.Tensor,
+        mode: Mode,
+        statistics_only: bool = False,
+        blocking: bool = True,
+        idempotency_key: str = "",
     ) -> NormalizeResult:
-        """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first.
-        Without ``blocking``, raises Busy rather than wait for another update of the session."""
+        """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first, once
+        per idempotency key. Without ``blocking``, raises Busy rather than wait for another
+        update of the session."""
         t0 = time.perf_counter()
         self.check_input(x)
         if x.device != self.device:
@@ -225,10 +386,15 @@ class Session:
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):
-            step, version, waited = self.update(
-                lambda s, n: kind.forward(x, s, mode, statistics_only, n), "input", empty, blocking
+            idem = self.idempotency(idempotency_key, mode, x, statistics_only)
+            step, version, waited, ticket, replayed = self.update(
+                lambda s, n: kind.forward(x, s, mode, statistics_only, n),
+                "input",
+                empty,
+                blocking,
+                idem,
             )
-            return self.result(step, version, batch, waited, t0)
+            return self.result(step, version, batch, waited, t0, replayed, ticket)
         if not batch:
             self.check_finite_input(x, "input")
         state = self.state
@@ -237,21 +403,35 @@ class Session:
             self.check_step(step, "input", empty)
         return self.result(step, state.version, batch, 0.0, t0)
 
-    def start_batch(self, mode: Mode, statistics_only: bool = False) -> ChunkedBatch:
+    @staticmethod
+    def idempotency(
+        key: str, mode: Mode, x: torch.Tensor | None, statistics_only: bool, rows: int = -1
+    ) -> Idempotency | None:
+        """An update's idempotency (None without a key); the fingerprint names what the request
+        asked (mode, dtype, shape), so a key reused for another request is told apart."""
+        if not key:
+            return None
+        check_idempotency_key(key)
+        if x is None:
+            return Idempotency(key, f"{mode.value}:stream:{int(statistics_only)}")
+        shape = [rows if rows >= 0 else x.shape[0], *x.shape[1:]]
+        return Idempotency(key, fingerprint(mode.value, str(x.dtype)[6:], shape, statistics_only))
+
+    def start_batch(
+        self, mode: Mode, statistics_only: bool = False, idempotency_key: str = ""
+    ) -> ChunkedBatch:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
-        return ChunkedBatch(self, mode, statistics_only)
+        return ChunkedBatch(self, mode, statistics_only, idempotency_key)
 
-    def reset(self) -> SessionState:
+    def reset(self) -> tuple[SessionState, Ticket]:
         """Kept statistics back to their initial values, 0 batches (weight and bias stay)."""
         with self._lock:
-            s = self.state
             if not self.config.track_running_stats:
-                return s  # nothing tracked, nothing to change
-            new = s.advanced(num_batches_tracked=0, **self.kind.initial(self.device))
-            self._commit(new, s.version)
-            return new
+                return self.state, None  # nothing tracked, nothing to change
+            initial = self.kind.initial(self.device)
+            return self._commit(lambda s: s.advanced(num_batches_tracked=0, **initial))
 
     def state_keys(self) -> list[str]:
         return self.kind.state_keys()
@@ -269,7 +449,9 @@ class Session:
                 out[key] = value.detach().cpu()
         return out, s.version
 
-    def import_state(self, entries: dict[str, torch.Tensor], strict: bool) -> SessionState:
+    def import_state(
+        self, entries: dict[str, torch.Tensor], strict: bool
+    ) -> tuple[SessionState, Ticket]:
         """Replaces the state from state_dict entries, all or nothing; no entries, no change."""
         allowed = self.state_keys()
         for key in entries:
@@ -297,9 +479,6 @@ class Session:
             else:
                 new[key] = self.kind.check_param(key, value, field).to(self.device)
         with self._lock:
-            s = self.state
             if not new:
-                return s
-            state = s.advanced(**new)
-            self._commit(state, s.version)
-            return state
+                return self.state, None
+            return self._commit(lambda s: s.advanced(**new))

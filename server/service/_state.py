@@ -24,6 +24,9 @@ class SessionState:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     update_time: float
+    #: the session's creation id (SessionRecord.uid): a state of a session re-created under the
+    #: same id is not this session's
+    uid: str = ""
 
     def advanced(self, **changes: object) -> SessionState:
         """The next state: ``changes`` applied, version + 1, update time now."""

@@ -140,6 +140,7 @@ class Chunk:
     statistics_only: bool
     tensor: Callable[[], torch.Tensor] | None
     to_mode: Callable[[int], Mode]
+    idempotency_key: str = ""
 
 
 #: Makes one answer message: (batch index, an output chunk or None, whether it ends the batch,
@@ -185,7 +186,7 @@ async def serve_stream(
                 session = service.sessions.get(req.session_id)
                 mode = req.to_mode(req.mode)
                 service.stages.label(session.config.kind.value, mode.value)
-                batch = session.start_batch(mode, req.statistics_only)
+                batch = session.start_batch(mode, req.statistics_only, req.idempotency_key)
                 decode = encode_s = 0.0
                 elements = sent = 0
             else:
@@ -208,6 +209,7 @@ async def serve_stream(
                     yield msg
             if req.end_of_batch:
                 result, count = await compute(batch.finish)
+                await service.durable(result.durable)
                 if not sent:
                     if not count:  # statistics only
                         t1 = perf_counter()

@@ -31,9 +31,13 @@ def test_store_commits_only_from_the_version_it_was_computed_from(manager: Sessi
     store = MemoryStore()
     s = manager.create(SessionConfig(2))
     first = s.state
-    store.commit("a", first, 0)
     with pytest.raises(Conflict):
-        store.commit("a", first.advanced(), 0)  # not a new session any more
+        store.commit("a", first, 0)  # no such session yet
+    store.create("a", s.record, first)
+    with pytest.raises(Conflict):
+        store.create("a", s.record, first)  # not a new session any more
+    with pytest.raises(Conflict):
+        store.commit("a", first.advanced(), 0)
     nxt = first.advanced()
     store.commit("a", nxt, first.version)
     with pytest.raises(Conflict):

@@ -89,7 +89,7 @@ def test_reset_and_state_round_trip(manager: SessionManager) -> None:
     assert list(state) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     bn = torch.nn.BatchNorm1d(3)
     bn.load_state_dict(state)
-    reset = s.reset()
+    reset, _ = s.reset()
     assert reset.version == version + 1 and reset.num_batches_tracked == 0
     assert reset.running_mean.eq(0).all() and reset.running_var.eq(1).all()
     s.import_state(dict(state), strict=True)

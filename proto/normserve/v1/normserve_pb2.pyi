@@ -60,7 +60,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class SessionConfig(_message.Message):
     INITIAL_BIAS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kind: NormKind
     num_features: int
     eps: float
@@ -81,10 +82,11 @@ class SessionConfig(_message.Message):
     initial_bias: Tensor
     device: str
     allow_non_finite: bool
-    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ...) -> None: ...
+    ttl_seconds: float
+    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time")
+    __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time", "expire_time")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class Session(_message.Message):
     BIAS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
     device: str
@@ -107,7 +110,8 @@ class Session(_message.Message):
     bias: Tensor
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., running_mean: _Optional[_Union[Tensor, _Mapping]] = ..., running_var: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., running_mean: _Optional[_Union[Tensor, _Mapping]] = ..., running_var: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "config")
@@ -206,47 +210,53 @@ class ImportStateResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class NormalizeRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "input", "statistics_only")
+    __slots__ = ("session_id", "mode", "input", "statistics_only", "idempotency_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     input: Tensor
     statistics_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class NormalizeResponse(_message.Message):
-    __slots__ = ("output", "mean", "var", "version", "batch_statistics")
+    __slots__ = ("output", "mean", "var", "version", "batch_statistics", "replayed")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     VAR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     mean: Tensor
     var: Tensor
     version: int
     batch_statistics: bool
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class NormalizeStreamRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only")
+    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_OF_BATCH_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     chunk: Tensor
     end_of_batch: bool
     statistics_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class NormalizeStreamResponse(_message.Message):
-    __slots__ = ("batch_index", "chunk", "end_of_batch", "mean", "var", "version", "batch_statistics")
+    __slots__ = ("batch_index", "chunk", "end_of_batch", "mean", "var", "version", "batch_statistics", "replayed")
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_OF_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +264,7 @@ class NormalizeStreamResponse(_message.Message):
     VAR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     batch_index: int
     chunk: Tensor
     end_of_batch: bool
@@ -261,4 +272,5 @@ class NormalizeStreamResponse(_message.Message):
     var: Tensor
     version: int
     batch_statistics: bool
-    def __init__(self, batch_index: _Optional[int] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, batch_index: _Optional[int] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
