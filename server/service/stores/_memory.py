@@ -70,6 +70,8 @@ class MemoryStore:
             keys = self._keys[key]
             if idempotency is not None:
                 seen = keys.get(idempotency.key)
+                # a key past the window but not yet pruned still counts: remembering longer is
+                # the safe side (the Redis store does the same)
                 if seen is not None:
                     raise AlreadyApplied(seen[0])
             if current.version != expected_version:
