@@ -38,6 +38,7 @@ from normserve.server.service import (
     QuotaLimits,
     ServiceError,
     SessionManager,
+    StoreUnavailable,
     StreamBuffers,
     TenantQuotas,
     open_store,
@@ -247,6 +248,14 @@ class Server:
         except BaseException:
             self.store.close()
             raise
+        ping = getattr(self.store, "ping", None)
+        if ping is not None:
+            try:
+                ping()
+            except StoreUnavailable as err:
+                # served anyway: Redis may start after normserve (a cluster coming up); calls that
+                # need it answer UNAVAILABLE until it is back
+                log.warning("%s; serving anyway", err)
         recovery = getattr(self.store, "recovery", None)
         if recovery:
             log.info("state recovered from %s: %s", settings.state_dir, recovery)
@@ -366,7 +375,10 @@ class Server:
         self._stopped.set()
         self.service.close()
         self._close_loop()
-        self.store.close()  # after the calls: the durable store's last snapshot holds them all
+        try:
+            self.store.close()  # after the calls: the durable store's last snapshot holds them all
+        except Exception:  # what a store could not write is said; the stop goes on
+            log.exception("closing the session store failed")
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator
 
 import grpc
@@ -11,6 +12,7 @@ import torch
 from normserve.client import Client
 from normserve.server import Server, Settings, start_server
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
+from tests import _redis
 
 torch.manual_seed(0)
 
@@ -40,3 +42,12 @@ def stub(server: Server) -> Iterator[pb_grpc.NormalizerStub]:
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+@pytest.fixture
+def redis_server(tmp_path: pathlib.Path) -> Iterator[_redis.RedisServer]:
+    """A real redis-server (AOF on, ``appendfsync always``) on a free loopback port, its data in
+    a temporary directory; ``kill()`` and ``restart()`` it to test what survives. Skipped without
+    redis-server, failed in CI (see tests/_redis.py)."""
+    with _redis.RedisServer(tmp_path / "redis") as srv:
+        yield srv
