@@ -179,6 +179,11 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
     print(f"batches      {info.num_batches_tracked}")
     print(f"created      {info.create_time.isoformat(timespec='seconds')}")
     print(f"updated      {info.update_time.isoformat(timespec='seconds')}")
+    if info.expire_time is not None:
+        print(
+            f"expires      {info.expire_time.isoformat(timespec='seconds')} "
+            f"(after {info.ttl_seconds:g} s unused)"
+        )
     for name in ("running_mean", "running_var", "weight", "bias"):
         value = values[name]
         if value is not None:
@@ -198,6 +203,7 @@ def _create(args: argparse.Namespace) -> int:
             track_running_stats=not args.no_track_running_stats,
             device=args.device,
             allow_non_finite=args.allow_non_finite,
+            ttl_seconds=args.ttl,
         )
     if args.json:
         _print_session(info, True)
@@ -338,6 +344,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--no-track-running-stats", action="store_true")
     create.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
     create.add_argument("--allow-non-finite", action="store_true", help="accept NaN/Inf inputs")
+    create.add_argument(
+        "--ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="expire after this many seconds unused (0: never; default: the server's)",
+    )
     create.set_defaults(func=_create)
 
     ls = ssub.add_parser("list", parents=[remote], help="list sessions")

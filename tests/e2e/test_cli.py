@@ -103,6 +103,11 @@ def test_operator_commands(served: tuple[subprocess.Popen[str], str], tmp_path: 
     assert missing.stderr.strip() == "normserve: NOT_FOUND: session 'nope' not found"
     assert run("session", "delete", "ops", "--target", target).returncode == 0
     assert run("health", "--target", target).stdout.strip() == "SERVING"
+    ttl = run("session", "create", "2", "--id", "brief", "--ttl", "90", "--target", target)
+    assert ttl.returncode == 0, ttl.stderr
+    brief = json.loads(run("session", "show", "brief", "--json", "--target", target).stdout)
+    assert brief["ttl_seconds"] == 90 and brief["expire_time"] is not None
+    assert "(after 90 s unused)" in run("session", "show", "brief", "--target", target).stdout
 
 
 def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[str], str]) -> None:
@@ -159,6 +164,9 @@ def test_sigterm_finishes_the_stream_in_flight(served: tuple[subprocess.Popen[st
         (["--metrics-address", "nonsense"], "--metrics-address: expected host:port or off"),
         (["--grace-seconds", "-1"], "--grace-seconds: must be >= 0, got -1.0"),
         (["--address", "no-such-host:1"], "--address: cannot listen on 'no-such-host:1'"),
+        (["--processes", "2"], "--processes: more than one process needs a shared store"),
+        (["--durability", "eventual"], "--durability: expected interval or strict"),
+        (["--store", "redis-cluster://x"], "--store: expected memory or redis://HOST:PORT/DB"),
     ],
 )
 def test_serve_refuses_bad_settings_clearly(flags: list[str], message: str) -> None:
