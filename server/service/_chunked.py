@@ -121,6 +121,7 @@ class ChunkedBatch:
             st = self._state
             assert st.running_mean is not None and st.running_var is not None
             result = NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
+            s.touch()
         elif kind.updates_running(mode):
             prepared: list[Any] = []
 

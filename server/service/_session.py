@@ -205,13 +205,17 @@ class Session:
         return s
 
     def read_state(self, touch: bool = True) -> SessionState:
-        """The current snapshot (never mutated in place); ``touch``: as a use of the session."""
-        if touch:
-            self.last_used = time.time()
+        """The current snapshot (never mutated in place); ``touch``: as a use of the session
+        (for stores that keep the idle TTL themselves; this process counts a use only once a call
+        succeeds, see ``touch``: a refused call changes nothing, its expiry included)."""
         try:
             return self._mine(self._store.read(self.key, touch))
         except KeyError:
             raise self._gone() from None
+
+    def touch(self) -> None:
+        """Counts a successful call as a use (the idle TTL starts again)."""
+        self.last_used = time.time()
 
     @property
     def state(self) -> SessionState:
@@ -226,7 +230,6 @@ class Session:
         """Under the lock: the state an update starts from, the state it commits, and the
         commit's ticket (or the AlreadyApplied of a replayed idempotency key). Recomputes after a
         Conflict (another process committed first). ``compute`` may raise to change nothing."""
-        self.last_used = time.time()
         try:
             s = self._mine(self._store.latest(self.key))
         except KeyError:
@@ -234,8 +237,11 @@ class Session:
         for _ in range(MAX_CONFLICTS):
             new = compute(s)
             try:
-                return s, new, self._store.commit(self.key, new, s.version, idempotency)
+                ticket = self._store.commit(self.key, new, s.version, idempotency)
+                self.touch()
+                return s, new, ticket
             except AlreadyApplied as applied:
+                self.touch()
                 return s, s, applied
             except Conflict as conflict:
                 if conflict.current is None:
@@ -361,6 +367,7 @@ class Session:
         if mean.dtype != torch.float32:
             mean, var = mean.float(), var.float()
         compute = time.perf_counter() - t_start - waited
+        self.touch()
         return NormalizeResult(
             step.output, mean, var, version, batch, waited, compute, replayed, durable
         )
@@ -429,6 +436,7 @@ class Session:
         """Kept statistics back to their initial values, 0 batches (weight and bias stay)."""
         with self._lock:
             if not self.config.track_running_stats:
+                self.touch()
                 return self.state, None  # nothing tracked, nothing to change
             initial = self.kind.initial(self.device)
             return self._commit(lambda s: s.advanced(num_batches_tracked=0, **initial))
@@ -438,7 +446,7 @@ class Session:
 
     def export_state(self) -> tuple[OrderedDict[str, torch.Tensor], int]:
         """A torch-compatible state_dict (CPU tensors) and the version it was read at."""
-        s = self.state
+        s = self.read_state(touch=False)  # a read, as GetSession: not a use
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for key in self.state_keys():
             if key == "num_batches_tracked":
@@ -480,5 +488,6 @@ class Session:
                 new[key] = self.kind.check_param(key, value, field).to(self.device)
         with self._lock:
             if not new:
+                self.touch()
                 return self.state, None
             return self._commit(lambda s: s.advanced(**new))
