@@ -43,6 +43,8 @@ CHECK_EVERY = 500
 #: a case whose call takes longer than this hung (the server answers every case in far less)
 CALL_TIMEOUT = 60.0
 MiB = 1 << 20
+#: the server's default --max-message-bytes (ServerProcess passes none)
+DEFAULT_MESSAGE_BYTES = 16 * MiB
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Normalizer"]
 PREFIX = f"/{SERVICE.full_name}/"
@@ -686,7 +688,10 @@ def test_hostile_input_changes_nothing_and_crashes_nothing() -> None:
         if ONLY:
             return
         assert done >= CASES
-        assert rss_end <= 1.10 * rss_start, (rss_start, rss_end)
+        # A leak grows with the cases; a heap block kept after one large message is a step of at
+        # most a message or two (16 MiB each by default), which glibc may keep for reuse (CI once
+        # saw one step of 28 MiB at case ~7,000, flat afterwards). Allow 10% plus that step.
+        assert rss_end <= 1.10 * rss_start + 2 * DEFAULT_MESSAGE_BYTES, (rss_start, rss_end)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 9999])
