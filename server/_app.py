@@ -255,7 +255,10 @@ class Server:
             except StoreUnavailable as err:
                 # served anyway: Redis may start after normserve (a cluster coming up); calls that
                 # need it answer UNAVAILABLE until it is back
-                log.warning("%s; serving anyway", err)
+                log.warning("%s; serving anyway: calls that need it fail until it answers", err)
+            except ValueError:  # credentials or database no retry can fix: do not start
+                self.store.close()
+                raise
         recovery = getattr(self.store, "recovery", None)
         if recovery:
             log.info("state recovered from %s: %s", settings.state_dir, recovery)

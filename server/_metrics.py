@@ -224,11 +224,10 @@ class Metrics:
         self.sessions.set_function(lambda: float(count()))
 
     def track_expired_sessions(self, count: Callable[[], int]) -> None:
-        """``normserve_sessions_expired_total``: sessions this process expired after their idle
-        TTL (with Redis: stopped holding; Redis deletes them)."""
-        self.registry.register(
-            _Total("normserve_sessions_expired", "Sessions expired after their idle TTL.", count)
-        )
+        """``normserve_sessions_expired_total``: sessions this process deleted after their idle
+        TTL (Redis deletes its own: 0 with the Redis store)."""
+        doc = "Sessions this process deleted after their idle TTL (Redis expires its own)."
+        self.registry.register(_Total("normserve_sessions_expired", doc, count))
 
 
 class _Total(Collector):

@@ -8,10 +8,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from normserve.server.service import ANSWER_OVERHEAD_BYTES, max_features_for
 
 __all__ = ["Settings"]
+
+
+#: --snapshot-interval's default (a different value without --state-dir is refused)
+_SNAPSHOT_INTERVAL = 5.0
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -99,7 +104,8 @@ class Settings:
         "memory",
         "where sessions are kept: memory (this process; lost when it ends, or kept in files with "
         "--state-dir), or redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS): every process and "
-        "replica pointed at the same Redis serves the same sessions, each update applied once",
+        "replica pointed at the same Redis serves the same sessions, each update applied once. "
+        "A password belongs in NORMSERVE_STORE, not the flag (flags show in ps)",
     )
     state_dir: str = _opt(
         "",
@@ -113,7 +119,8 @@ class Settings:
         "answered only once it is on disk, fsynced; concurrent updates share one fsync)",
     )
     snapshot_interval: float = _opt(
-        5.0, "with --state-dir: seconds between snapshots (strict: between log checkpoints)"
+        _SNAPSHOT_INTERVAL,
+        "with --state-dir: seconds between snapshots (strict: between log checkpoints)",
     )
     session_ttl: float = _opt(
         -1.0,
@@ -267,12 +274,28 @@ class Settings:
             raise ValueError(
                 f"--store: expected memory or redis://HOST:PORT/DB, got {_redacted(self.store)!r}"
             )
+        if self.store.startswith(("redis://", "rediss://")):
+            db = urlsplit(self.store).path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(
+                    f"--store: the database of redis://HOST:PORT/DB is a number, got {db!r}"
+                )
         if self.state_dir and self.store != "memory":
             raise ValueError("--state-dir and --store redis://... exclude each other")
         if self.durability not in ("interval", "strict"):
             raise ValueError(f"--durability: expected interval or strict, got {self.durability!r}")
         if not self.snapshot_interval > 0:
             raise ValueError(f"--snapshot-interval: must be > 0, got {self.snapshot_interval}")
+        if not self.state_dir and (
+            self.durability != "interval" or self.snapshot_interval != _SNAPSHOT_INTERVAL
+        ):
+            given = "--durability" if self.durability != "interval" else "--snapshot-interval"
+            raise ValueError(
+                f"{given}: applies to the local durable store only: give --state-dir DIR (without "
+                "it, sessions are kept in memory"
+                + (" or in Redis" if self.store != "memory" else "")
+                + " and nothing is written to disk)"
+            )
         if self.session_ttl < 0 and self.session_ttl != -1:
             raise ValueError(f"--session-ttl: must be >= 0, or -1, got {self.session_ttl}")
         if self.idempotency_keys < 1 or not self.idempotency_window > 0:
@@ -280,10 +303,16 @@ class Settings:
         if self.processes < 1:
             raise ValueError(f"--processes: must be >= 1, got {self.processes}")
         if self.processes > 1 and self.store == "memory":
+            held = (
+                "--state-dir is one process's store"
+                if self.state_dir
+                else (
+                    "with the memory store each process would hold sessions the others cannot see"
+                )
+            )
             raise ValueError(
                 "--processes: more than one process needs a shared store (--store "
-                "redis://HOST:PORT/DB); with the memory store each process would hold sessions "
-                "the others cannot see"
+                f"redis://HOST:PORT/DB); {held}"
             )
         if (unsafe := self.unsafe_expose_without_auth) not in (0, 1):
             raise ValueError(f"--unsafe-expose-without-auth: expected 0 or 1, got {unsafe}")

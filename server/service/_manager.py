@@ -342,9 +342,12 @@ class SessionManager:
             view = self if tenant == self.tenant else self.for_tenant(tenant)
             if not view._forget(session):
                 continue
+            if self.store.shared:
+                # Redis expires it itself, unless another process uses it: this process only
+                # stops holding it (counted nowhere: a sum over processes would count it twice)
+                continue
+            session.close()
             expired += 1
-            if not self.store.shared:  # a shared store expires it itself (or another uses it)
-                session.close()
             log.info(
                 "session %s of tenant %s expired after %.0f s idle",
                 shown(session.session_id),

@@ -99,6 +99,14 @@ def test_processes_need_a_shared_store() -> None:
     with pytest.raises(ValueError, match="--store"):
         Settings(store="postgres://x").validate()
     Settings(processes=2, store="redis://127.0.0.1:6379/0").validate()
+    with pytest.raises(ValueError, match="--state-dir is one process's store"):
+        Settings(processes=2, state_dir="/tmp/x").validate()
+    with pytest.raises(ValueError, match="--durability: applies to the local durable store"):
+        Settings(durability="strict").validate()  # no --state-dir: nothing would be durable
+    with pytest.raises(ValueError, match="--snapshot-interval: applies"):
+        Settings(store="redis://127.0.0.1:6379/0", snapshot_interval=1).validate()
+    with pytest.raises(ValueError, match="database of redis://HOST:PORT/DB is a number"):
+        Settings(store="redis://127.0.0.1:6379/abc").validate()
 
 
 def test_a_store_password_never_reaches_a_message() -> None:

@@ -228,7 +228,7 @@ def test_redis_down_is_unavailable_and_the_server_recovers(redis_server: RedisSe
         redis_server.kill()
         with pytest.raises(UnavailableError) as info:
             client.normalize(sid, torch.randn(8, 4))
-        assert "Redis at" in info.value.message and "nothing was" in info.value.message
+        assert "Redis at" in info.value.message and "half-applied" in info.value.message
         assert info.value.hint == ""  # the server answered: no "is the server running?" hint
         redis_server.restart()
         deadline = time.monotonic() + 15
@@ -274,3 +274,21 @@ def test_round_robin_spreads_calls_over_replicas_that_share_redis(
 def test_load_balancing_is_checked() -> None:
     with pytest.raises(ValueError, match="round_robin"):
         Client("127.0.0.1:1", load_balancing="random")
+
+
+def test_a_redis_that_refuses_the_credentials_stops_the_start(redis_server: RedisServer) -> None:
+    """Wrong credentials, or a database Redis does not have, are no outage to wait out."""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.config_set("requirepass", "s3cret-pass")
+    r.close()
+    host = redis_server.url.split("//", 1)[1].rsplit("/", 1)[0]
+    for url in (f"redis://{host}/0", f"redis://:wrong-pass@{host}/0"):
+        with pytest.raises(ValueError, match="refused this server's credentials") as info:
+            _server(store=url)
+        assert "wrong-pass" not in str(info.value) and "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match="DB index"):
+        _server(store=f"redis://:s3cret-pass@{host}/99")
+    with _server(store=f"redis://:s3cret-pass@{host}/3") as srv, Client(srv.address) as client:
+        assert client.create_session(2).num_features == 2

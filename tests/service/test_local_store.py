@@ -308,7 +308,7 @@ def snapshot_of_one_session(tmp_path: Path) -> bytes:
     wait(store.create("a", record("ua"), state(1, "ua")))
     store.commit("a", state(2, "ua"), 1, Idempotency("k", "fp"))
     store.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock", "snapshot"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "lock", "snapshot"]
     return (tmp_path / "snapshot").read_bytes()
 
 
@@ -392,7 +392,8 @@ def test_a_torn_log_tail_is_truncated_and_the_rest_replayed(
     size_of_last = len(data) - data.rindex(b"NSv1")
     assert store.recovery["bytes_dropped"] == size_of_last - 100
     assert store.recovery["log_records_replayed"] == 9 and not store.recovery["errors"]
-    (warning,) = caplog.records
+    warning, unclean = caplog.records  # what the crash tore, then that there was one
+    assert "did not shut down cleanly" in unclean.getMessage()
     assert warning.levelno == logging.WARNING
     assert f"torn tail of {size_of_last - 100} bytes" in warning.getMessage()
     # what came back is kept, and the store goes on from it
@@ -489,7 +490,7 @@ def test_damage_to_a_log_segment_before_the_last_stops_replay_there(
     with caplog.at_level(logging.WARNING, logger="normserve.store"):
         store = open_store(opened, tmp_path, "strict")
     assert same(store.read("a"), state(4 if damage == "missing" else 6, "ua"))
-    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]
     assert len(store.recovery["moved_aside"]) == (2 if damage == "missing" else 3)  # + wal.5
 
 
@@ -681,3 +682,22 @@ def test_a_failing_disk_stops_changes_and_acknowledges_none(
     store = open_store(opened, tmp_path, "strict")
     assert store.read("a").version in (3, 4)  # 4 reached the file, or not: it was not acked
     assert same(store.read("a"), state(store.read("a").version, "ua"))
+
+
+def test_a_start_after_a_crash_says_so_and_one_after_a_clean_stop_does_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LocalStore(tmp_path, "interval", 60.0)
+    store.create("a", record("ua"), state(1, "ua"))
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="normserve.store"):
+        store = LocalStore(tmp_path, "interval", 60.0)
+    assert store.recovery["clean_shutdown"] and not caplog.records
+    store.commit("a", state(2, "ua"), 1)  # acknowledged after the last snapshot
+    store._abandon()  # as SIGKILL would leave it
+    with caplog.at_level(logging.WARNING, logger="normserve.store"):
+        store = LocalStore(tmp_path, "interval", 60.0)
+    assert not store.recovery["clean_shutdown"]
+    assert any("did not shut down cleanly" in r.getMessage() for r in caplog.records)
+    assert store.read("a").version == 1  # interval mode: the update after the snapshot is lost
+    store.close()

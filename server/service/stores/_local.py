@@ -93,6 +93,8 @@ log = logging.getLogger("normserve.store")
 
 SNAPSHOT = "snapshot"
 PREVIOUS = "snapshot.prev"
+#: Written by a clean close: its absence at the next start means the last run ended abruptly.
+CLEAN = "clean"
 LOCK = "lock"
 _SEGMENT = re.compile(r"wal\.(\d+)")
 _FORMAT = "normserve-snapshot"
@@ -397,6 +399,9 @@ class LocalStore(MemoryStore):
             self._stop_threads()
             if self._failed is None and self._changes != self._changes_saved:
                 self._checkpoint()
+            if self._failed is None:
+                # read by the next start: everything acknowledged is in the snapshot
+                (self.directory / CLEAN).write_text(f"{os.getpid()}\n")
         except Exception:
             log.exception(
                 "could not write the last snapshot to %s: the changes since the previous one "
@@ -665,6 +670,10 @@ class LocalStore(MemoryStore):
             "sessions": 0,
             "seconds": 0.0,
         }
+        marker = self.directory / CLEAN
+        clean = marker.exists()
+        marker.unlink(missing_ok=True)  # until this run closes cleanly in its turn
+        r["clean_shutdown"] = clean
         for leftover in (SNAPSHOT + ".tmp", PREVIOUS + ".tmp"):
             (self.directory / leftover).unlink(missing_ok=True)  # a snapshot a crash cut short
         base = self._load_snapshot()
@@ -680,6 +689,14 @@ class LocalStore(MemoryStore):
         for keys in self._keys.values():
             prune_keys(keys, self.key_policy, now)
         r["sessions"] = len(self._states)
+        if not clean and (base is not None or segments):
+            log.warning(
+                "the last server on %s did not shut down cleanly (SIGKILL, a crash, power loss): "
+                "what it acknowledged in strict mode is back (%d log records replayed); in "
+                "interval mode, what it acknowledged after its last snapshot is lost",
+                self.directory,
+                r["log_records_replayed"],
+            )
         if (
             r["log_records_replayed"]
             or r["bytes_dropped"]

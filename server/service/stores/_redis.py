@@ -194,6 +194,13 @@ _REFUSED = (
     redis.exceptions.TryAgainError,
 )
 _REFUSALS = ("MISCONF", "NOREPLICAS")
+#: What Redis answers a client without the right credentials.
+_AUTH_WORDS = (
+    "NOAUTH",
+    "WRONGPASS",
+    "invalid username-password",
+    "must be called with the client already authenticated",
+)
 _KEYS_BATCH = 1000
 
 
@@ -403,9 +410,30 @@ class RedisStore:
         return [f"{self._ns}:{kind}:{{{key}}}" for kind in "siz"]
 
     def ping(self) -> None:
-        """Checks that Redis answers (StoreUnavailable if not)."""
-        with self._reaching():
+        """Checks that Redis answers: StoreUnavailable where it cannot be reached (it may come
+        up later), ValueError for what no retry can fix (credentials, the database number)."""
+        try:
             self._redis.ping()
+        except (redis.AuthenticationError, redis.ResponseError) as err:
+            text = str(err)
+            if isinstance(err, redis.AuthenticationError) or any(
+                word in text for word in _AUTH_WORDS
+            ):
+                raise ValueError(
+                    f"--store: Redis at {self.url} refused this server's credentials ({text}): "
+                    "give the password in the URL (redis://:PASSWORD@HOST:PORT/DB, best through "
+                    "NORMSERVE_STORE, since flags show in ps)"
+                ) from None
+            if "DB index" in text:
+                raise ValueError(
+                    f"--store: Redis at {self.url}: {text} (the URL's /DB must be below the "
+                    "server's 'databases' setting, 16 by default)"
+                ) from None
+            with self._reaching():
+                raise
+        except (redis.ConnectionError, redis.TimeoutError):
+            with self._reaching():
+                raise
 
     @staticmethod
     def _ttl_ms(record: SessionRecord) -> int:
@@ -419,8 +447,8 @@ class RedisStore:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as err:
             raise StoreUnavailable(
-                f"the session store, Redis at {self.url}, is unreachable ({err}); nothing was "
-                "half-applied: retry (a TRAIN call's idempotency key makes the retry apply once)"
+                f"the session store, Redis at {self.url}, is unreachable ({err}); no change was "
+                "half-applied: retry"
             ) from None
         except redis.ResponseError as err:
             if isinstance(err, _REFUSED) or str(err).startswith(_REFUSALS):
