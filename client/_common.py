@@ -279,13 +279,15 @@ NORMALIZE = "/normserve.v1.Normalizer/Normalize"
 NORMALIZE_STREAM = "/normserve.v1.Normalizer/NormalizeStream"
 
 
-def service_config(load_balancing: str = "") -> str:
+def service_config(load_balancing: str = "", retry: bool = True) -> str:
     """The channel's service config: gRPC's own retry of UNAVAILABLE (quick, transparent: a
     connection reset, a replica going away), under the client's longer ``RetryPolicy``; and the
     load-balancing policy (``round_robin`` spreads calls over every address a name resolves to,
-    e.g. a Kubernetes headless Service's pods)."""
-    config: dict[str, Any] = {
-        "methodConfig": [
+    e.g. a Kubernetes headless Service's pods). Without ``retry`` (a client with ``retry=0``, the
+    CLI) gRPC does not retry either: one call, one try."""
+    config: dict[str, Any] = {}
+    if retry:
+        config["methodConfig"] = [
             {
                 "name": [{"service": "normserve.v1.Normalizer"}],
                 "retryPolicy": {
@@ -297,14 +299,16 @@ def service_config(load_balancing: str = "") -> str:
                 },
             }
         ]
-    }
     if load_balancing:
         config["loadBalancingConfig"] = [{load_balancing: {}}]
     return json.dumps(config)
 
 
 def channel_options(
-    max_message_bytes: int, extra: Sequence[tuple[str, Any]] = (), load_balancing: str = ""
+    max_message_bytes: int,
+    extra: Sequence[tuple[str, Any]] = (),
+    load_balancing: str = "",
+    retry: bool = True,
 ) -> list[Any]:
     if load_balancing not in ("", "pick_first", "round_robin"):
         raise ValueError(
@@ -313,7 +317,7 @@ def channel_options(
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.service_config", service_config(load_balancing)),
+        ("grpc.service_config", service_config(load_balancing, retry)),
         # a restarted server is found within a second, not after grpc's default backoff (which
         # grows to two minutes)
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -439,7 +443,9 @@ class ClientBase:
             credentials=credentials,
         )
         self._channel: Any = self._open(
-            target, credentials, channel_options(max_message_bytes, options, load_balancing)
+            target,
+            credentials,
+            channel_options(max_message_bytes, options, load_balancing, self.retry.seconds > 0),
         )
         self._stub = pb_grpc.NormalizerStub(self._channel)
         # the tensor-carrying methods move raw bytes, encoded by normserve.wire (zero-copy reads)
