@@ -1,4 +1,4 @@
-"""normserve's Python client: sync and asyncio clients, remote BatchNorm modules, the CLI.
+"""normserve's Python client: sync and asyncio clients, remote normalization modules, the CLI.
 
 >>> from normserve.client import Client
 >>> with Client("127.0.0.1:50051") as client:
@@ -32,6 +32,14 @@ from normserve.client._sync import Client
 
 if TYPE_CHECKING:
     from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
+    from normserve.client._norm_modules import (
+        RemoteGroupNorm,
+        RemoteInstanceNorm1d,
+        RemoteInstanceNorm2d,
+        RemoteInstanceNorm3d,
+        RemoteLayerNorm,
+        RemoteRMSNorm,
+    )
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -48,6 +56,12 @@ __all__ = [
     "RemoteBatchNorm1d",
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
+    "RemoteGroupNorm",
+    "RemoteInstanceNorm1d",
+    "RemoteInstanceNorm2d",
+    "RemoteInstanceNorm3d",
+    "RemoteLayerNorm",
+    "RemoteRMSNorm",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SessionInfo",
@@ -55,6 +69,14 @@ __all__ = [
 ]
 
 _MODULES = ("RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d")
+_NORM_MODULES = (
+    "RemoteGroupNorm",
+    "RemoteInstanceNorm1d",
+    "RemoteInstanceNorm2d",
+    "RemoteInstanceNorm3d",
+    "RemoteLayerNorm",
+    "RemoteRMSNorm",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -64,4 +86,8 @@ def __getattr__(name: str) -> Any:
         from normserve.client import _modules
 
         return getattr(_modules, name)
+    if name in _NORM_MODULES:
+        from normserve.client import _norm_modules
+
+        return getattr(_norm_modules, name)
     raise AttributeError(f"module 'normserve.client' has no attribute {name!r}")

@@ -168,9 +168,15 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
         return
     values = info.to_dict()
     momentum = "cumulative" if info.momentum is None else f"{info.momentum:g}"
+    eps = "unset (the input dtype's machine epsilon)" if info.eps is None else f"{info.eps:g}"
     print(f"session      {info.session_id}")
+    print(f"kind         {info.kind}")
+    if info.normalized_shape:
+        print(f"normalized   {list(info.normalized_shape)}")
+    if info.num_groups:
+        print(f"groups       {info.num_groups}")
     print(f"features     {info.num_features}")
-    print(f"eps          {info.eps:g}")
+    print(f"eps          {eps}")
     print(f"momentum     {momentum}")
     print(f"affine       {str(info.affine).lower()}")
     print(f"track stats  {str(info.track_running_stats).lower()}")
@@ -199,11 +205,18 @@ def _create(args: argparse.Namespace) -> int:
             session_id=args.id,
             eps=args.eps,
             momentum=None if args.cumulative else args.momentum,
-            affine=not args.no_affine,
-            track_running_stats=not args.no_track_running_stats,
+            # unset: torch's default for the kind
+            affine=False if args.no_affine else None,
+            track_running_stats=(
+                True if args.track_running_stats else False if args.no_track_running_stats else None
+            ),
             device=args.device,
             allow_non_finite=args.allow_non_finite,
             ttl_seconds=args.ttl,
+            kind=args.kind,
+            normalized_shape=args.normalized_shape,
+            num_groups=args.num_groups,
+            has_bias=False if args.no_bias else None,
         )
     if args.json:
         _print_session(info, True)
@@ -331,17 +344,49 @@ def _parser() -> argparse.ArgumentParser:
     session = sub.add_parser("session", help="manage sessions")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
 
-    create = ssub.add_parser("create", parents=[remote], help="create a batch-norm session")
-    create.add_argument("num_features", type=int, help="channels (dim 1 of every input)")
+    create = ssub.add_parser("create", parents=[remote], help="create a session")
+    create.add_argument(
+        "num_features",
+        type=int,
+        help="channels (dim 1 of every input); layer and RMS norm: 0, or the product of "
+        "--normalized-shape",
+    )
     create.add_argument("--id", default="", help="session id (default: the server picks one)")
-    create.add_argument("--eps", type=float, default=1e-5)
+    create.add_argument(
+        "--kind",
+        default="batch_norm",
+        choices=["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"],
+        help="the normalization (default: batch_norm)",
+    )
+    create.add_argument(
+        "--normalized-shape",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="DIM",
+        help="layer and RMS norm: the trailing dims normalized together",
+    )
+    create.add_argument("--num-groups", type=int, default=0, help="group norm: groups of channels")
+    create.add_argument("--no-bias", action="store_true", help="layer norm: a weight only")
+    create.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="default 1e-5 (RMS norm: the input dtype's machine epsilon)",
+    )
     momentum = create.add_mutually_exclusive_group()
     momentum.add_argument("--momentum", type=float, default=0.1, help="EMA factor (default 0.1)")
     momentum.add_argument(
         "--cumulative", action="store_true", help="cumulative average (torch's momentum=None)"
     )
     create.add_argument("--no-affine", action="store_true")
-    create.add_argument("--no-track-running-stats", action="store_true")
+    track = create.add_mutually_exclusive_group()
+    track.add_argument(
+        "--track-running-stats",
+        action="store_true",
+        help="instance norm: keep running statistics (batch norm keeps them by default)",
+    )
+    track.add_argument("--no-track-running-stats", action="store_true")
     create.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
     create.add_argument("--allow-non-finite", action="store_true", help="accept NaN/Inf inputs")
     create.add_argument(

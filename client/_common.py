@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MOMENTUM",
     "DEFAULT_TARGET",
     "ClientBase",
+    "KindName",
     "ModeName",
     "NormalizeResult",
     "SessionInfo",
@@ -47,6 +49,19 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Metadata = Sequence[tuple[str, str]] | None
 ModeName = Literal["train", "eval"]
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+KindName = Literal["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+_KINDS: dict[str, int] = {
+    "batch_norm": pb.NORM_KIND_BATCH_NORM,
+    "layer_norm": pb.NORM_KIND_LAYER_NORM,
+    "group_norm": pb.NORM_KIND_GROUP_NORM,
+    "instance_norm": pb.NORM_KIND_INSTANCE_NORM,
+    "rms_norm": pb.NORM_KIND_RMS_NORM,
+}
+_KIND_NAMES = {v: k for k, v in _KINDS.items()} | {pb.NORM_KIND_UNSPECIFIED: "batch_norm"}
+#: The kinds that keep running statistics, and so read momentum.
+_RUNNING_KINDS = ("batch_norm", "instance_norm")
+#: torch's momentum, which create_session sends unless told otherwise.
+DEFAULT_MOMENTUM = 0.1
 
 
 _TENSOR_FIELDS = ("running_mean", "running_var", "weight", "bias")
@@ -77,7 +92,8 @@ class SessionInfo:
 
     session_id: str
     num_features: int
-    eps: float
+    #: None: RMS norm's torch default (the machine epsilon of the computation's dtype)
+    eps: float | None
     momentum: float | None
     affine: bool
     track_running_stats: bool
@@ -90,6 +106,14 @@ class SessionInfo:
     #: idle seconds after which the session expires (0: never), and when it will if unused
     ttl_seconds: float = 0.0
     expire_time: dt.datetime | None = None
+    #: "batch_norm", "layer_norm", "group_norm", "instance_norm" or "rms_norm"
+    kind: str = "batch_norm"
+    #: layer and RMS norm: the normalized trailing dims
+    normalized_shape: tuple[int, ...] = ()
+    #: group norm: the number of groups
+    num_groups: int = 0
+    #: layer norm: whether it has a bias beside its weight (None for the other kinds)
+    has_bias: bool | None = None
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -221,7 +245,7 @@ def session_info(msg: pb.Session) -> SessionInfo:
     return SessionInfo(
         session_id=msg.session_id,
         num_features=cfg.num_features,
-        eps=cfg.eps,
+        eps=cfg.eps if cfg.HasField("eps") else None,
         momentum=cfg.momentum if cfg.HasField("momentum") else None,
         affine=cfg.affine,
         track_running_stats=cfg.track_running_stats,
@@ -233,34 +257,64 @@ def session_info(msg: pb.Session) -> SessionInfo:
         update_time=msg.update_time.ToDatetime(dt.UTC),
         ttl_seconds=cfg.ttl_seconds,
         expire_time=msg.expire_time.ToDatetime(dt.UTC) if msg.HasField("expire_time") else None,
+        kind=_KIND_NAMES.get(cfg.kind, str(cfg.kind)),
+        normalized_shape=tuple(cfg.normalized_shape),
+        num_groups=cfg.num_groups,
+        has_bias=cfg.bias if cfg.HasField("bias") else None,
         _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
     )
+
+
+def kind_value(kind: KindName | str) -> int:
+    try:
+        return _KINDS[str(kind).lower()]
+    except KeyError:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}") from None
 
 
 def create_request(
     num_features: int,
     *,
     session_id: str = "",
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
+    eps: float | None = None,
+    momentum: float | None = DEFAULT_MOMENTUM,
+    affine: bool | None = None,
+    track_running_stats: bool | None = None,
     weight: ArrayLike | None = None,
     bias: ArrayLike | None = None,
     device: str = "",
     allow_non_finite: bool = False,
     ttl_seconds: float | None = None,
+    kind: KindName | str = "batch_norm",
+    normalized_shape: int | Sequence[int] | None = None,
+    num_groups: int = 0,
+    has_bias: bool | None = None,
 ) -> pb.CreateSessionRequest:
+    """The request for ``create_session`` (see there). None leaves a field unset: the server
+    reads it as torch's default for the kind."""
     cfg = pb.SessionConfig(
-        kind=pb.NORM_KIND_BATCH_NORM,
+        kind=kind_value(kind),  # type: ignore[arg-type]
         num_features=num_features,
-        eps=eps,
-        affine=affine,
-        track_running_stats=track_running_stats,
         device=device,
         allow_non_finite=allow_non_finite,
+        num_groups=num_groups,
     )
-    if momentum is not None:
+    if eps is not None:
+        cfg.eps = eps
+    if affine is not None:
+        cfg.affine = affine
+    if track_running_stats is not None:
+        cfg.track_running_stats = track_running_stats
+    if has_bias is not None:
+        cfg.bias = has_bias
+    if normalized_shape is not None:
+        dims = [normalized_shape] if isinstance(normalized_shape, int) else normalized_shape
+        cfg.normalized_shape.extend(int(d) for d in dims)
+    # torch's default momentum means nothing to a kind without running statistics; anything
+    # else is sent, for the server to refuse
+    if momentum is not None and (
+        str(kind).lower() in _RUNNING_KINDS or momentum != DEFAULT_MOMENTUM
+    ):
         cfg.momentum = momentum
     if ttl_seconds is not None:
         cfg.ttl_seconds = ttl_seconds

@@ -262,6 +262,7 @@ class _RemoteBatchNorm(nn.Module):
 
     def _check_config(self, info: SessionInfo) -> None:
         wanted = {
+            "kind": "batch_norm",
             "num_features": self.num_features,
             "eps": self.eps,
             "momentum": self.momentum,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -97,10 +97,10 @@ class Client(c.ClientBase):
         num_features: int,
         *,
         session_id: str = "",
-        eps: float = 1e-5,
+        eps: float | None = None,
         momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
+        affine: bool | None = None,
+        track_running_stats: bool | None = None,
         weight: ArrayLike | None = None,
         bias: ArrayLike | None = None,
         device: str = "",
@@ -108,12 +108,25 @@ class Client(c.ClientBase):
         ttl_seconds: float | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        kind: c.KindName = "batch_norm",
+        normalized_shape: int | Sequence[int] | None = None,
+        num_groups: int = 0,
+        has_bias: bool | None = None,
     ) -> c.SessionInfo:
-        """Creates a batch-norm session, like ``torch.nn.BatchNorm*d(num_features, eps, momentum,
-        affine, track_running_stats)``; ``momentum=None`` is the cumulative average. ``session_id``:
-        your id (default: the server picks one); ``weight``/``bias``: initial affine parameters;
-        ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf;
-        ``ttl_seconds``: idle seconds before it expires (0: never; None: the server's default)."""
+        """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
+        (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
+        ``"layer_norm"`` (``LayerNorm(normalized_shape, eps, elementwise_affine=affine,
+        bias=has_bias)``), ``"group_norm"`` (``GroupNorm(num_groups, num_features, eps, affine)``),
+        ``"instance_norm"`` (``InstanceNorm*d(num_features, eps, momentum, affine,
+        track_running_stats)``) or ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
+        elementwise_affine=affine)``); for layer and RMS norm ``num_features`` may be 0 (the
+        product of ``normalized_shape``). ``eps``, ``affine``, ``track_running_stats`` and
+        ``has_bias`` left None take torch's default for the kind; ``momentum=None`` is torch's
+        momentum=None (the cumulative average for batch norm), and is sent only to the kinds that
+        keep running statistics unless changed from its default. ``session_id``: your id (default:
+        the server picks one); ``weight``/``bias``: initial affine parameters; ``device``: "auto",
+        "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf; ``ttl_seconds``: idle
+        seconds before it expires (0: never; None: the server's default)."""
         req = c.create_request(
             num_features,
             session_id=session_id,
@@ -126,6 +139,10 @@ class Client(c.ClientBase):
             device=device,
             allow_non_finite=allow_non_finite,
             ttl_seconds=ttl_seconds,
+            kind=kind,
+            normalized_shape=normalized_shape,
+            num_groups=num_groups,
+            has_bias=has_bias,
         )
 
         def already_created(code: grpc.StatusCode) -> Any:

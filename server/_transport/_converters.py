@@ -24,8 +24,15 @@ from normserve.server.service import (
 from normserve.v1 import normserve_pb2 as pb
 from normserve.wire import tensor_from_proto, tensor_to_proto
 
-_KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM, pb.NORM_KIND_BATCH_NORM: Kind.BATCH_NORM}
-_KINDS_OUT = {Kind.BATCH_NORM: pb.NORM_KIND_BATCH_NORM}
+_KINDS_OUT = {
+    Kind.BATCH_NORM: pb.NORM_KIND_BATCH_NORM,
+    Kind.LAYER_NORM: pb.NORM_KIND_LAYER_NORM,
+    Kind.GROUP_NORM: pb.NORM_KIND_GROUP_NORM,
+    Kind.INSTANCE_NORM: pb.NORM_KIND_INSTANCE_NORM,
+    Kind.RMS_NORM: pb.NORM_KIND_RMS_NORM,
+}
+_KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM} | {v: k for k, v in _KINDS_OUT.items()}
+_IMPLEMENTED = ", ".join(pb.NormKind.Name(v) for v in _KINDS_OUT.values())
 _MODES: dict[int, Mode] = {pb.MODE_TRAIN: Mode.TRAIN, pb.MODE_EVAL: Mode.EVAL}
 #: What a state_dict key may look like: longer or stranger names are refused before any message
 #: echoes them.
@@ -46,25 +53,28 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
     if kind is None:
         got = pb.NormKind.Name(msg.kind) if msg.kind in pb.NormKind.values() else str(msg.kind)
         raise InvalidArgument(
-            "config.kind", f"unsupported kind {got}; this server implements NORM_KIND_BATCH_NORM"
+            "config.kind", f"unsupported kind {got}; this server implements {_IMPLEMENTED}"
         )
     if len(msg.device) > 32:  # no device name is longer: refused before any message repeats it
         raise InvalidArgument(
             "config.device",
             f"unknown device {shown(msg.device, 32)}; expected auto, cpu, cuda or cuda:N",
         )
-    cfg = SessionConfig(
-        num_features=msg.num_features,
-        eps=msg.eps if msg.HasField("eps") else 1e-5,
-        momentum=msg.momentum if msg.HasField("momentum") else None,
-        affine=msg.affine if msg.HasField("affine") else True,
-        track_running_stats=msg.track_running_stats
-        if msg.HasField("track_running_stats")
-        else True,
+    # unset fields: torch's defaults for the kind (SessionConfig.of); momentum unset is torch's
+    # momentum=None for every kind
+    given: dict[str, object] = {"momentum": msg.momentum if msg.HasField("momentum") else None}
+    for name in ("eps", "affine", "track_running_stats", "bias"):
+        if msg.HasField(name):
+            given[name] = getattr(msg, name)
+    cfg = SessionConfig.of(
+        kind,
+        msg.num_features,
         allow_non_finite=msg.allow_non_finite,
         device=msg.device or "auto",
-        kind=kind,
         ttl_seconds=msg.ttl_seconds if msg.HasField("ttl_seconds") else None,
+        normalized_shape=tuple(msg.normalized_shape),
+        num_groups=msg.num_groups,
+        **given,
     )
     weight = (
         tensor_from_proto(msg.initial_weight, "config.initial_weight")
@@ -83,7 +93,6 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     msg = pb.SessionConfig(
         kind=_KINDS_OUT[cfg.kind],
         num_features=cfg.num_features,
-        eps=cfg.eps,
         affine=cfg.affine,
         track_running_stats=cfg.track_running_stats,
         device=cfg.device,
@@ -92,6 +101,12 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     )
     if cfg.momentum is not None:
         msg.momentum = cfg.momentum
+    if cfg.eps is not None:  # RMS norm's unset eps stays unset: it depends on the input
+        msg.eps = cfg.eps
+    if cfg.bias is not None:
+        msg.bias = cfg.bias
+    msg.normalized_shape.extend(cfg.normalized_shape)
+    msg.num_groups = cfg.num_groups
     return msg
 
 

@@ -34,6 +34,7 @@ class ChunkedBatch:
         # does not count against the stream's buffer bounds
         self._first: tuple[torch.dtype, torch.Size] | None = None
         self._rows = 0
+        self._first_bytes = 0
         self._chunks: list[torch.Tensor] = []
         self._partial: Any = None
         self._prepared: Any = None
@@ -45,6 +46,21 @@ class ChunkedBatch:
         """Whether ``add`` keeps each chunk until the batch's end (its output needs the batch's
         own statistics); the stream counts those bytes against its buffer bounds."""
         return self._batch_stats and not self.statistics_only
+
+    @property
+    def keeps_statistics(self) -> bool:
+        """Whether the batch is normalized with statistics of its own (answered at its end)."""
+        return self._batch_stats
+
+    @property
+    def shape(self) -> list[int] | None:
+        """The batch's shape so far (None before its first chunk)."""
+        return None if self._first is None else [self._rows, *self._first[1]]
+
+    @property
+    def first_chunk_bytes(self) -> int:
+        """The size of the first chunk, so of the first output chunk an answer carries."""
+        return self._first_bytes
 
     def discard(self) -> None:
         """Drops what the batch holds (the batch is abandoned; the session never saw it)."""
@@ -63,6 +79,7 @@ class ChunkedBatch:
         first = self._first
         if first is None:
             self._first = (x.dtype, x.shape[1:])
+            self._first_bytes = x.numel() * x.element_size()
         else:
             dtype, tail = first
             if x.dtype != dtype:

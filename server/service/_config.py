@@ -13,7 +13,9 @@ from normserve.server.service._errors import FailedPrecondition, InvalidArgument
 __all__ = [
     "ANSWER_OVERHEAD_BYTES",
     "DEFAULT_MAX_FEATURES",
+    "KIND_DEFAULTS",
     "MAX_EPS",
+    "MAX_NORMALIZED_DIMS",
     "MIN_EPS",
     "Kind",
     "Mode",
@@ -42,9 +44,43 @@ MAX_EPS = 1e6
 
 
 class Kind(enum.Enum):
-    """What a session computes. Later kinds (layer, group, instance, RMS norm, renorm) join here."""
+    """What a session computes, each as its torch module does. Later kinds (renorm, ghost batch
+    norm) join here."""
 
     BATCH_NORM = "batch_norm"
+    LAYER_NORM = "layer_norm"
+    GROUP_NORM = "group_norm"
+    INSTANCE_NORM = "instance_norm"
+    RMS_NORM = "rms_norm"
+
+    @property
+    def title(self) -> str:
+        """How messages name the kind ("layer norm")."""
+        return self.value.replace("_", " ").replace("rms", "RMS")
+
+    @property
+    def keeps_running_stats(self) -> bool:
+        """Whether the kind can keep running statistics (and so reads momentum)."""
+        return self in (Kind.BATCH_NORM, Kind.INSTANCE_NORM)
+
+    @property
+    def per_shape(self) -> bool:
+        """Whether the kind normalizes trailing dims given by normalized_shape."""
+        return self in (Kind.LAYER_NORM, Kind.RMS_NORM)
+
+
+#: The fields whose torch default differs by kind, where it is not SessionConfig's (batch norm's);
+#: ``SessionConfig.of`` applies them to what a caller leaves out.
+KIND_DEFAULTS: dict[Kind, dict[str, object]] = {
+    Kind.BATCH_NORM: {},
+    Kind.LAYER_NORM: {"momentum": None, "track_running_stats": False},
+    Kind.GROUP_NORM: {"momentum": None, "track_running_stats": False},
+    Kind.INSTANCE_NORM: {"affine": False, "track_running_stats": False},
+    Kind.RMS_NORM: {"momentum": None, "track_running_stats": False, "eps": None},
+}
+
+#: The most dims a normalized_shape may have (torch's tensors have at most a few dozen).
+MAX_NORMALIZED_DIMS = 16
 
 
 class Mode(enum.Enum):
@@ -54,10 +90,12 @@ class Mode(enum.Enum):
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """A session's immutable configuration; defaults are torch.nn.BatchNorm's."""
+    """A session's immutable configuration; defaults are torch.nn.BatchNorm's (``of`` gives each
+    kind torch's defaults for it)."""
 
     num_features: int
-    eps: float = 1e-5
+    #: None: RMS norm's torch default, the machine epsilon of the computation's dtype
+    eps: float | None = 1e-5
     #: EMA factor in (0, 1]; None is the cumulative moving average (torch's momentum=None).
     momentum: float | None = 0.1
     affine: bool = True
@@ -69,17 +107,54 @@ class SessionConfig:
     kind: Kind = Kind.BATCH_NORM
     #: idle seconds before the session expires (0: never; None: the server's default)
     ttl_seconds: float | None = None
+    #: layer and RMS norm: the normalized trailing dims (empty for the other kinds)
+    normalized_shape: tuple[int, ...] = ()
+    #: group norm: how many groups the channels are split into (0 for the other kinds)
+    num_groups: int = 0
+    #: layer norm: a bias beside the weight (None, unset, reads as True; other kinds: None)
+    bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        # a config read back from JSON carries a list; and layer and RMS norm may leave
+        # num_features to be the product of normalized_shape
+        shape = tuple(self.normalized_shape)
+        object.__setattr__(self, "normalized_shape", shape)
+        if (
+            self.kind.per_shape
+            and self.num_features == 0
+            and 0 < len(shape) <= MAX_NORMALIZED_DIMS
+            and min(shape) > 0
+        ):
+            object.__setattr__(self, "num_features", math.prod(shape))
+        if self.kind is Kind.LAYER_NORM and self.bias is None:
+            object.__setattr__(self, "bias", True)
+
+    @classmethod
+    def of(cls, kind: Kind, num_features: int = 0, **fields: object) -> SessionConfig:
+        """A config of ``kind`` with torch's defaults for that kind where ``fields`` has none."""
+        return cls(num_features, kind=kind, **{**KIND_DEFAULTS[kind], **fields})  # type: ignore[arg-type]
+
+    @property
+    def resolved_eps(self) -> float:
+        """eps as a float (RMS norm's unset eps is decided per input; this is float32's)."""
+        return self.eps if self.eps is not None else float(torch.finfo(torch.float32).eps)
 
     def validate(self, max_features: int = DEFAULT_MAX_FEATURES) -> None:
         """Raises InvalidArgument naming the first bad field. ``max_features`` is the server's
         bound, which keeps every session readable and exportable in one message."""
+        self._validate_kind_fields()
         if not 1 <= self.num_features <= max_features:
             raise InvalidArgument(
                 "config.num_features",
                 f"must be between 1 and {max_features} (this server's --max-features), "
                 f"got {self.num_features}",
             )
-        if not (math.isfinite(self.eps) and MIN_EPS <= self.eps <= MAX_EPS):
+        if self.eps is None:
+            if self.kind is not Kind.RMS_NORM:
+                raise InvalidArgument(
+                    "config.eps", f"{self.kind.title} needs an eps (only RMS norm's may be unset)"
+                )
+        elif not (math.isfinite(self.eps) and MIN_EPS <= self.eps <= MAX_EPS):
             raise InvalidArgument(
                 "config.eps",
                 f"must be between {MIN_EPS:.3g} (float32's smallest normal) and {MAX_EPS:g}, "
@@ -91,6 +166,67 @@ class SessionConfig:
             raise InvalidArgument(
                 "config.momentum",
                 f"must be in (0, 1], or unset for a cumulative average; got {self.momentum}",
+            )
+        if self.kind is Kind.GROUP_NORM and self.num_features % self.num_groups:
+            raise InvalidArgument(
+                "config.num_groups",
+                f"must divide num_features ({self.num_features}), got {self.num_groups}",
+            )
+
+    def _validate_kind_fields(self) -> None:
+        """The fields only some kinds read: given to another kind, they are refused (a typo must
+        not silently make another normalization); needed by this one, they must be right."""
+        kind, name = self.kind, self.kind.title
+        if not kind.keeps_running_stats:
+            if self.track_running_stats:
+                raise InvalidArgument(
+                    "config.track_running_stats",
+                    f"{name} keeps no running statistics (only batch and instance norm do); "
+                    "leave it unset or false",
+                )
+            if self.momentum is not None:
+                raise InvalidArgument(
+                    "config.momentum",
+                    f"{name} keeps no running statistics (only batch and instance norm do); "
+                    "leave it unset",
+                )
+        if kind.per_shape:
+            self._validate_normalized_shape()
+        elif self.normalized_shape:
+            raise InvalidArgument(
+                "config.normalized_shape",
+                f"only layer and RMS norm read it; {name} normalizes over fixed dims",
+            )
+        if kind is Kind.GROUP_NORM:
+            if self.num_groups <= 0:
+                raise InvalidArgument(
+                    "config.num_groups", f"group norm needs num_groups > 0, got {self.num_groups}"
+                )
+        elif self.num_groups:
+            raise InvalidArgument("config.num_groups", f"only group norm reads it, not {name}")
+        if kind is not Kind.LAYER_NORM and self.bias is not None:
+            why = "RMS norm has no bias" if kind is Kind.RMS_NORM else f"{name}'s comes with affine"
+            raise InvalidArgument("config.bias", f"only layer norm reads it; {why}")
+
+    def _validate_normalized_shape(self) -> None:
+        shape, name = self.normalized_shape, self.kind.title
+        if not shape:
+            raise InvalidArgument(
+                "config.normalized_shape", f"{name} needs the trailing dims it normalizes, got none"
+            )
+        if len(shape) > MAX_NORMALIZED_DIMS:
+            raise InvalidArgument(
+                "config.normalized_shape",
+                f"at most {MAX_NORMALIZED_DIMS} dims, got {len(shape)}",
+            )
+        for i, d in enumerate(shape):
+            if d <= 0:
+                raise InvalidArgument(f"config.normalized_shape[{i}]", f"must be > 0, got {d}")
+        if self.num_features != math.prod(shape):
+            raise InvalidArgument(
+                "config.num_features",
+                f"{name} normalizes {math.prod(shape)} values (the product of normalized_shape "
+                f"{list(shape)}); leave num_features 0 or give that, got {self.num_features}",
             )
 
 

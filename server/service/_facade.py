@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -41,6 +41,9 @@ from normserve.server.service._session import Busy, NormalizeResult, Session
 from normserve.server.service._state import SessionState
 from normserve.server.service._stream import Chunk, StreamBuffers, StreamEncoder, serve_stream
 from normserve.server.service.stores import Ticket
+
+if TYPE_CHECKING:
+    from normserve.server.service._chunked import ChunkedBatch
 
 __all__ = [
     "Chunk",
@@ -242,16 +245,42 @@ class NormalizerService:
 
     # ---- normalization
 
-    def check_answer(self, x: torch.Tensor, statistics_only: bool, what: str = "call") -> None:
-        """Refuses, before anything is applied, a call whose answer could not be sent."""
+    def check_answer(
+        self,
+        x: torch.Tensor,
+        statistics_only: bool,
+        what: str = "call",
+        statistics: int | None = None,
+    ) -> None:
+        """Refuses, before anything is applied, a call whose answer could not be sent.
+        ``statistics``: how many values each of the answer's mean and var has (its kind's
+        ``statistics_numel``; default x.shape[1], batch norm's)."""
         out = 0 if statistics_only else x.numel() * x.element_size()
-        size = out + 8 * x.shape[1] + ANSWER_OVERHEAD_BYTES
+        stats = x.shape[1] if statistics is None else statistics
+        size = out + 8 * stats + ANSWER_OVERHEAD_BYTES
         if size > self.max_answer_bytes:
             shape = ", ".join(str(d) for d in x.shape)
             raise ResourceExhausted(
                 f"the answer to this {what} (output [{shape}] {str(x.dtype)[6:]}, {out} bytes) "
                 f"would exceed the server's message limit of {self.max_answer_bytes} bytes; "
                 "send the batch through NormalizeStream in smaller chunks; nothing was applied"
+            )
+
+    def check_batch_answer(self, batch: ChunkedBatch, index: int) -> None:
+        """Refuses, before anything is applied, a streamed batch whose first answer (the whole
+        batch's statistics, with its first output chunk) could not be sent: per-sample statistics
+        grow with the batch, not with the chunk."""
+        shape = batch.shape
+        if shape is None or not batch.keeps_statistics:
+            return
+        stats = batch.session.kind.statistics_numel(shape)
+        out = 0 if batch.statistics_only else batch.first_chunk_bytes
+        if out + 8 * stats + ANSWER_OVERHEAD_BYTES > self.max_answer_bytes:
+            raise ResourceExhausted(
+                f"the statistics of batch {index} of this stream ({stats} values each of mean and "
+                f"var, for input [{', '.join(str(d) for d in shape)}]) and its first output chunk "
+                f"would exceed the server's message limit of {self.max_answer_bytes} bytes; send "
+                "smaller batches (end_of_batch sooner); nothing of the batch was applied"
             )
 
     async def normalize(self, call: NormalizeCall, encode: Callable[[NormalizeResult], T]) -> T:
@@ -274,7 +303,9 @@ class NormalizerService:
         x = call.tensor()
         t1 = perf_counter()
         session.check_input(x)
-        self.check_answer(x, call.statistics_only)
+        self.check_answer(
+            x, call.statistics_only, statistics=session.kind.statistics_numel(x.shape)
+        )
         result = None
         key = call.idempotency_key
         if self.local_store and x.numel() * x.element_size() <= INLINE_BYTES:

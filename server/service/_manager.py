@@ -84,9 +84,8 @@ def check_session_id(session_id: str) -> None:
 
 def state_bytes(config: SessionConfig) -> int:
     """Bytes of state a session of ``config`` keeps, known before anything is allocated: every
-    kept tensor is float32 of [num_features], the batch count an int64."""
-    keys = for_config(config).state_keys()
-    return sum(8 if key == "num_batches_tracked" else 4 * config.num_features for key in keys)
+    kept tensor is float32 of the shape its kind keeps it in, the batch count an int64."""
+    return for_config(config).state_bytes()
 
 
 @dataclass

@@ -142,15 +142,20 @@ class Session:
             return
         self.create_time = time.time()
         self.record = SessionRecord(config, self.create_time, uuid.uuid4().hex, ttl_seconds)
-        params: dict[str, torch.Tensor | None] = {"weight": None, "bias": None}
+        params: dict[str, torch.Tensor] = {}
         if config.affine:
             params = dict(self.kind.initial_params(device))
             for key, value, field in (
                 ("weight", weight, "config.initial_weight"),
                 ("bias", bias, "config.initial_bias"),
             ):
-                if value is not None:
-                    params[key] = self.kind.check_param(key, value, field).to(device)
+                if value is None:
+                    continue
+                if key not in params:  # layer norm with bias=false; RMS norm
+                    raise InvalidArgument(
+                        field, f"this {config.kind.title} session has no {key} to initialize"
+                    )
+                params[key] = self.kind.check_param(key, value, field).to(device)
         elif weight is not None or bias is not None:
             raise InvalidArgument("config.initial_weight", "needs affine=true")
         running = self.kind.initial(device)
@@ -159,8 +164,8 @@ class Session:
             num_batches_tracked=0,
             running_mean=running.get("running_mean"),
             running_var=running.get("running_var"),
-            weight=params["weight"],
-            bias=params["bias"],
+            weight=params.get("weight"),
+            bias=params.get("bias"),
             update_time=self.create_time,
             uid=self.record.uid,
         )
@@ -196,7 +201,10 @@ class Session:
         this session's device."""
         if s.uid != self.record.uid:
             raise self._gone()
-        if s.running_mean is not None and s.running_mean.device != self.device:
+        # a state's tensors are together on one device: one of them tells (a kind may keep
+        # weights without running statistics, or neither)
+        probe = s.running_mean if s.running_mean is not None else s.weight
+        if probe is not None and probe.device != self.device:
             moved: dict[str, torch.Tensor | None] = {}
             for k in ("running_mean", "running_var", "weight", "bias"):
                 t = getattr(s, k)
@@ -323,7 +331,7 @@ class Session:
             steps: list[Step] = []
 
             def next_state(s: SessionState) -> SessionState:
-                n = self._next_count(s)
+                n = self._next_count(s) if self.kind.counts_batches else s.num_batches_tracked
                 step = compute(s, n)
                 self.check_step(
                     step, field, empty

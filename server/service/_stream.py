@@ -195,7 +195,12 @@ async def serve_stream(
                 x = req.tensor()
                 decode += perf_counter() - t0
                 batch.session.check_input(x, "chunk")
-                service.check_answer(x, req.statistics_only or batch.statistics_only, "chunk")
+                service.check_answer(
+                    x,
+                    req.statistics_only or batch.statistics_only,
+                    "chunk",
+                    batch.session.kind.statistics_numel(x.shape),
+                )
                 if batch.keeps_chunks:
                     share.take(max(x.numel() * x.element_size(), MIN_CHUNK_BYTES), index)
                 elements += x.numel()
@@ -208,6 +213,7 @@ async def serve_stream(
                     sent += 1
                     yield msg
             if req.end_of_batch:
+                service.check_batch_answer(batch, index)
                 result, count = await compute(batch.finish)
                 await service.durable(result.durable)
                 if not sent:

@@ -162,6 +162,12 @@ def test_a_session_whose_config_differs_is_refused_naming_each_field(client: Cli
     with pytest.raises(ValueError, match=r"differs: track_running_stats is False in the session"):
         RemoteBatchNorm1d(4, client=client, session_id="untracked")
     assert RemoteBatchNorm1d(4, client=client, session_id="untracked", track_running_stats=False)
+    # another kind with the same numbers is not a batch norm to attach to
+    client.create_session(4, session_id="groups", kind="group_norm", num_groups=2, affine=False)
+    with pytest.raises(ValueError, match=r"differs: kind is 'group_norm' in the session"):
+        RemoteBatchNorm1d(
+            4, client=client, session_id="groups", momentum=None, track_running_stats=False
+        )
 
 
 def test_a_restarted_job_finds_its_sessions(client: Client) -> None:

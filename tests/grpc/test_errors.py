@@ -186,7 +186,9 @@ def test_float16_data_length_counts_two_bytes(stub: pb_grpc.NormalizerStub, sid:
         (
             pb.SessionConfig(num_features=3, kind=9),  # type: ignore[arg-type]
             INVALID,
-            "config.kind: unsupported kind 9; this server implements NORM_KIND_BATCH_NORM",
+            "config.kind: unsupported kind 9; this server implements NORM_KIND_BATCH_NORM, "
+            "NORM_KIND_LAYER_NORM, NORM_KIND_GROUP_NORM, NORM_KIND_INSTANCE_NORM, "
+            "NORM_KIND_RMS_NORM",
         ),
         (
             pb.SessionConfig(num_features=3, device="gpu0"),

@@ -23,6 +23,10 @@ class NormKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NORM_KIND_UNSPECIFIED: _ClassVar[NormKind]
     NORM_KIND_BATCH_NORM: _ClassVar[NormKind]
+    NORM_KIND_LAYER_NORM: _ClassVar[NormKind]
+    NORM_KIND_GROUP_NORM: _ClassVar[NormKind]
+    NORM_KIND_INSTANCE_NORM: _ClassVar[NormKind]
+    NORM_KIND_RMS_NORM: _ClassVar[NormKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +41,10 @@ DTYPE_FLOAT64: DType
 DTYPE_INT64: DType
 NORM_KIND_UNSPECIFIED: NormKind
 NORM_KIND_BATCH_NORM: NormKind
+NORM_KIND_LAYER_NORM: NormKind
+NORM_KIND_GROUP_NORM: NormKind
+NORM_KIND_INSTANCE_NORM: NormKind
+NORM_KIND_RMS_NORM: NormKind
 MODE_UNSPECIFIED: Mode
 MODE_TRAIN: Mode
 MODE_EVAL: Mode
@@ -60,7 +68,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +80,9 @@ class SessionConfig(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     kind: NormKind
     num_features: int
     eps: float
@@ -83,7 +94,10 @@ class SessionConfig(_message.Message):
     device: str
     allow_non_finite: bool
     ttl_seconds: float
-    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    normalized_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_groups: int
+    bias: bool
+    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time", "expire_time")

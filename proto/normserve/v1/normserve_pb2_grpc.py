@@ -123,7 +123,8 @@ class NormalizerServicer:
 
     def ExportState(self, request, context):
         """Returns the state under torch's state_dict keys (weight, bias, running_mean, running_var,
-        num_batches_tracked), exactly the keys torch.nn.BatchNorm*d would have for the same config.
+        num_batches_tracked), exactly the keys the torch module of the session's kind would have for
+        the same config (torch.nn.BatchNorm*d, LayerNorm, GroupNorm, InstanceNorm*d, RMSNorm).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,10 +5,29 @@ from __future__ import annotations
 from normserve.server.service._config import Kind, SessionConfig
 from normserve.server.service.kinds._base import Normalization, Step
 from normserve.server.service.kinds._batch_norm import BatchNorm
+from normserve.server.service.kinds._group_norm import GroupNorm
+from normserve.server.service.kinds._instance_norm import InstanceNorm
+from normserve.server.service.kinds._layer_norm import LayerNorm, RMSNorm
 
-__all__ = ["KINDS", "BatchNorm", "Normalization", "Step", "for_config"]
+__all__ = [
+    "KINDS",
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "Normalization",
+    "RMSNorm",
+    "Step",
+    "for_config",
+]
 
-KINDS: dict[Kind, type[Normalization]] = {Kind.BATCH_NORM: BatchNorm}
+KINDS: dict[Kind, type[Normalization]] = {
+    Kind.BATCH_NORM: BatchNorm,
+    Kind.LAYER_NORM: LayerNorm,
+    Kind.GROUP_NORM: GroupNorm,
+    Kind.INSTANCE_NORM: InstanceNorm,
+    Kind.RMS_NORM: RMSNorm,
+}
 
 
 def for_config(config: SessionConfig) -> Normalization:

@@ -8,16 +8,25 @@ entry in ``kinds.KINDS``; the session and the transport stay as they are.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from normserve.server.service._config import Mode, SessionConfig
+from normserve.server.service._errors import InvalidArgument
 from normserve.server.service._state import SessionState
 
-__all__ = ["Normalization", "Step"]
+__all__ = ["FLOAT_DTYPES", "Normalization", "Step", "describe"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def describe(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,60 @@ class Normalization(ABC):
     """One kind of normalization for one session config. Stateless: state comes in and goes out
     as values. ``n`` below is num_batches_tracked after the batch (torch increments it first)."""
 
+    #: Whether a TRAIN update counts in num_batches_tracked (torch's InstanceNorm never does).
+    counts_batches: ClassVar[bool] = True
+
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
+
+    @property
+    def eps(self) -> float:
+        """The eps the kind adds to variances (a config's unset eps resolved)."""
+        return self.config.resolved_eps
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """The shape of a kept tensor (weight, bias, running statistics): per channel unless a
+        kind says otherwise."""
+        return (self.config.num_features,)
+
+    def statistics_numel(self, shape: Sequence[int]) -> int:
+        """How many values each of an answer's mean and var has, for an input of ``shape``."""
+        return self.config.num_features
+
+    def check_param(self, key: str, value: torch.Tensor, field: str) -> torch.Tensor:
+        """A state entry (weight, bias, running statistics) as the session stores it (float32 of
+        ``shape_of(key)``), or InvalidArgument naming ``field``."""
+        if value.dtype not in FLOAT_DTYPES:
+            raise InvalidArgument(field, f"expected a floating-point tensor, got {value.dtype}")
+        shape = self.shape_of(key)
+        if tuple(value.shape) != shape:
+            raise InvalidArgument(
+                field, f"expected shape {describe(shape)}, got {describe(value.shape)}"
+            )
+        stored = value.to(dtype=torch.float32)
+        # checked as stored: a finite float64 1e39 is inf in float32
+        if not bool(torch.isfinite(stored).all()):
+            raise InvalidArgument(
+                field, "contains NaN or Inf, or values beyond float32's range (|x| > 3.4e38)"
+            )
+        if key == "running_var" and bool((stored < 0).any()):
+            raise InvalidArgument(field, "variances must be >= 0")
+        return stored
+
+    def state_bytes(self) -> int:
+        """Bytes of the kept state: float32 tensors, the batch count an int64."""
+        return sum(
+            8 if key == "num_batches_tracked" else 4 * math.prod(self.shape_of(key))
+            for key in self.state_keys()
+        )
+
+    @staticmethod
+    def check_dtype(x: torch.Tensor, field: str) -> None:
+        if x.dtype not in FLOAT_DTYPES:
+            raise InvalidArgument(
+                f"{field}.dtype",
+                f"expected float32, float16, bfloat16 or float64, got {str(x.dtype)[6:]}",
+            )
 
     @abstractmethod
     def state_keys(self) -> list[str]:
@@ -49,11 +110,6 @@ class Normalization(ABC):
     @abstractmethod
     def initial_params(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Default weight and bias (used with affine=true when none are given)."""
-
-    @abstractmethod
-    def check_param(self, key: str, value: torch.Tensor, field: str) -> torch.Tensor:
-        """A state entry (weight, bias, running statistics) as the session stores it, or
-        InvalidArgument naming ``field``."""
 
     @abstractmethod
     def check_input(self, x: torch.Tensor, field: str) -> None:

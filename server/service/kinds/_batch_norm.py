@@ -11,15 +11,9 @@ from normserve.server import ops
 from normserve.server.service._config import Mode
 from normserve.server.service._errors import InvalidArgument
 from normserve.server.service._state import SessionState
-from normserve.server.service.kinds._base import Normalization, Step
+from normserve.server.service.kinds._base import FLOAT_DTYPES, Normalization, Step, describe
 
-__all__ = ["FLOAT_DTYPES", "BatchNorm"]
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def describe(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+__all__ = ["FLOAT_DTYPES", "BatchNorm", "describe"]
 
 
 class BatchNorm(Normalization):
@@ -44,28 +38,8 @@ class BatchNorm(Normalization):
     def initial_params(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {"weight": self._filled(1.0, device), "bias": self._filled(0.0, device)}
 
-    def check_param(self, key: str, value: torch.Tensor, field: str) -> torch.Tensor:
-        c = self.config.num_features
-        if value.dtype not in FLOAT_DTYPES:
-            raise InvalidArgument(field, f"expected a floating-point tensor, got {value.dtype}")
-        if tuple(value.shape) != (c,):
-            raise InvalidArgument(field, f"expected shape [{c}], got {describe(value.shape)}")
-        stored = value.to(dtype=torch.float32)
-        # checked as stored: a finite float64 1e39 is inf in float32
-        if not bool(torch.isfinite(stored).all()):
-            raise InvalidArgument(
-                field, "contains NaN or Inf, or values beyond float32's range (|x| > 3.4e38)"
-            )
-        if key == "running_var" and bool((stored < 0).any()):
-            raise InvalidArgument(field, "variances must be >= 0")
-        return stored
-
     def check_input(self, x: torch.Tensor, field: str) -> None:
-        if x.dtype not in FLOAT_DTYPES:
-            raise InvalidArgument(
-                f"{field}.dtype",
-                f"expected float32, float16, bfloat16 or float64, got {str(x.dtype)[6:]}",
-            )
+        self.check_dtype(x, field)
         if not 2 <= x.dim() <= 5:
             raise InvalidArgument(
                 f"{field}.shape",
@@ -114,7 +88,7 @@ class BatchNorm(Normalization):
         if not self.uses_batch_statistics(mode):
             mean, var = state.running_mean, state.running_var
             assert mean is not None and var is not None
-            out = None if statistics_only else ops.normalize(x, mean, var, w, b, cfg.eps)
+            out = None if statistics_only else ops.normalize(x, mean, var, w, b, self.eps)
             return Step(out, mean, var)
         count = x.numel() // x.shape[1]
         self._check_count(count, "input", x.shape)
@@ -131,10 +105,10 @@ class BatchNorm(Normalization):
             rm, rv = state.running_mean, state.running_var
             assert rm is not None and rv is not None
             factor = ops.ema_factor(cfg.momentum, n)
-            out, mean, var, new = ops.batch_norm_train(x, w, b, cfg.eps, (rm, rv), factor)
+            out, mean, var, new = ops.batch_norm_train(x, w, b, self.eps, (rm, rv), factor)
             assert new is not None
             return Step(out, mean, var, {"running_mean": new[0], "running_var": new[1]})
-        out, mean, var, _ = ops.batch_norm_train(x, w, b, cfg.eps)
+        out, mean, var, _ = ops.batch_norm_train(x, w, b, self.eps)
         return Step(out, mean, var)
 
     def chunk_statistics(self, x: torch.Tensor, partial: Any) -> Any:
@@ -158,7 +132,7 @@ class BatchNorm(Normalization):
         return Step(None, mean, var, running), prepared
 
     def normalize_chunk(self, x: torch.Tensor, prepared: Any, state: SessionState) -> torch.Tensor:
-        eps, w, b = self.config.eps, state.weight, state.bias
+        eps, w, b = self.eps, state.weight, state.bias
         if prepared is None:
             if x.numel() == 0 or state.running_mean is None:
                 return torch.empty_like(x)  # an empty batch: nothing to normalize
