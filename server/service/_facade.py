@@ -401,9 +401,11 @@ class NormalizerService:
                 )
             return await self.compute(self._sync_commit, session, merged, [total, *shape[1:]])
 
+        t_wait = perf_counter()
         fwd, replayed = await session_group(self, session).forward.gather(
             sync, (moments, count), combine
         )
+        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
         await self.durable(fwd.step.durable)
         out = None
         if not statistics_only:
@@ -412,10 +414,10 @@ class NormalizerService:
             else:
                 out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
         step = fwd.step.value
-        compute = perf_counter() - t0
+        compute = perf_counter() - t0 - waited
         session.touch()
         mean, var = step.mean.float(), step.var.float()
-        return NormalizeResult(out, mean, var, fwd.version, True, 0.0, compute, replayed)
+        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
 
     @staticmethod
     def _sync_commit(session: Session, merged: Any, shape: list[int]) -> _SyncForward:
@@ -434,6 +436,7 @@ class NormalizerService:
         else:
             state = session.read_state(touch=False)
             step, version, ticket = compute(state, state.num_batches_tracked), state.version, None
+            session.check_step(step, "input", merged is None)
         return _SyncForward(_Committed(step, ticket), prepared[0], state, version)
 
     async def sync_reduce(

@@ -85,6 +85,26 @@ def test_a_step_equals_one_batch_norm_over_the_concatenation_with_unequal_batche
     asyncio.run(main())
 
 
+def test_an_empty_share_and_no_running_statistics(service: NormalizerService) -> None:
+    async def main() -> None:
+        sid = await _create(service, 3, track_running_stats=False)
+        xs = [torch.randn(0, 3, 2), torch.randn(3, 3, 2), torch.randn(2, 3, 2)]
+        results = await _step(service, sid, xs, 0)
+        ref = torch.nn.functional.batch_norm(torch.cat(xs), None, None, training=True)
+        out = torch.cat([r.output for r in results])
+        assert results[0].output.shape == (0, 3, 2)
+        assert (out - ref).abs().max() < 1e-5
+        assert {r.version for r in results} == {1}  # nothing kept, nothing changed
+        bad = [torch.full((2, 3), float("nan")), torch.randn(2, 3), torch.randn(2, 3)]
+        outcomes = await asyncio.gather(
+            *(service.normalize(_call(sid, x, r, 1), lambda r: r) for r, x in enumerate(bad)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(e, InvalidArgument) and e.field == "input" for e in outcomes)
+
+    asyncio.run(main())
+
+
 def test_a_missing_participant_aborts_the_step_for_all_and_changes_nothing(
     service: NormalizerService,
 ) -> None:
