@@ -3,6 +3,7 @@ each rule's status code and message."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,7 +154,8 @@ def test_sync_reduce_over_grpc(server: Server, client: Client) -> None:
     channel = grpc.insecure_channel(server.address)
     stub = pb_grpc.NormalizerStub(channel)
     with expect_status(
-        grpc.StatusCode.INVALID_ARGUMENT, "sync: a SyncReduce call needs the rank and step it reduces"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sync: a SyncReduce call needs the rank and step it reduces",
     ):
         stub.SyncReduce(pb.SyncReduceRequest(session_id=sid), timeout=10)
     reply = stub.SyncReduce(
@@ -193,3 +195,24 @@ def test_bad_groups_are_refused(stub: pb_grpc.NormalizerStub, fields: dict, mess
     cfg = pb.SessionConfig(num_features=3, sync=pb.SyncGroup(**fields))
     with expect_status(grpc.StatusCode.INVALID_ARGUMENT, message):
         stub.CreateSession(pb.CreateSessionRequest(config=cfg), timeout=10)
+
+
+def test_async_client_participants(server: Server) -> None:
+    from normserve.client import AsyncClient
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as ac:
+            sid = (await ac.create_session(3, sync_participants=8)).session_id
+            xs = [torch.randn(2, 3) for _ in range(8)]
+            results = await asyncio.gather(
+                *(ac.normalize(sid, x, sync=(r, 0)) for r, x in enumerate(xs))
+            )
+            ref = torch.nn.functional.batch_norm(torch.cat(xs), None, None, training=True)
+            assert (torch.cat([r.output for r in results]) - ref).abs().max() < 1e-5
+            sums = await asyncio.gather(
+                *(ac.sync_reduce(sid, (r, 0), torch.ones(3), torch.ones(3), 2) for r in range(8))
+            )
+            assert {s.count for s in sums} == {16}
+            assert all(torch.equal(s.sum_dy, torch.full((3,), 8.0)) for s in sums)
+
+    asyncio.run(main())
