@@ -40,6 +40,11 @@ if TYPE_CHECKING:
         RemoteLayerNorm,
         RemoteRMSNorm,
     )
+    from normserve.client._sync_modules import (
+        RemoteSyncBatchNorm1d,
+        RemoteSyncBatchNorm2d,
+        RemoteSyncBatchNorm3d,
+    )
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -62,6 +67,9 @@ __all__ = [
     "RemoteInstanceNorm3d",
     "RemoteLayerNorm",
     "RemoteRMSNorm",
+    "RemoteSyncBatchNorm1d",
+    "RemoteSyncBatchNorm2d",
+    "RemoteSyncBatchNorm3d",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SessionInfo",
@@ -77,6 +85,7 @@ _NORM_MODULES = (
     "RemoteLayerNorm",
     "RemoteRMSNorm",
 )
+_SYNC_MODULES = ("RemoteSyncBatchNorm1d", "RemoteSyncBatchNorm2d", "RemoteSyncBatchNorm3d")
 
 
 def __getattr__(name: str) -> Any:
@@ -90,4 +99,8 @@ def __getattr__(name: str) -> Any:
         from normserve.client import _norm_modules
 
         return getattr(_norm_modules, name)
+    if name in _SYNC_MODULES:
+        from normserve.client import _sync_modules
+
+        return getattr(_sync_modules, name)
     raise AttributeError(f"module 'normserve.client' has no attribute {name!r}")

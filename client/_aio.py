@@ -119,6 +119,8 @@ class AsyncClient(c.ClientBase):
         normalized_shape: int | Sequence[int] | None = None,
         num_groups: int = 0,
         has_bias: bool | None = None,
+        sync_participants: int = 0,
+        sync_timeout: float | None = None,
     ) -> c.SessionInfo:
         """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
         (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
@@ -150,6 +152,8 @@ class AsyncClient(c.ClientBase):
             normalized_shape=normalized_shape,
             num_groups=num_groups,
             has_bias=has_bias,
+            sync_participants=sync_participants,
+            sync_timeout=sync_timeout,
         )
 
         async def already_created(code: grpc.StatusCode) -> Any:
@@ -257,6 +261,7 @@ class AsyncClient(c.ClientBase):
         idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        sync: tuple[int, int] | None = None,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``); see
         ``Client.normalize``."""
@@ -266,7 +271,7 @@ class AsyncClient(c.ClientBase):
         key = ""
         if c.mode_value(mode) == c.mode_value("train"):
             key = idempotency_key or c.new_idempotency_key()
-        if not tx.fits_unary(t, self.chunk_bytes):
+        if sync is None and not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:
@@ -286,10 +291,25 @@ class AsyncClient(c.ClientBase):
                     if delay is None:
                         raise
                 await asyncio.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync)
         return tx.normalize_result(
             await self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
+
+    async def sync_reduce(
+        self,
+        session_id: str,
+        sync: tuple[int, int],
+        sum_dy: ArrayLike,
+        sum_dy_xhat: ArrayLike,
+        count: int,
+        *,
+        timeout: Any = _DEFAULT,
+        metadata: c.Metadata = None,
+    ) -> c.SyncReduced:
+        """A synchronized step's backward reductions; see ``Client.sync_reduce``."""
+        req = c.sync_reduce_request(session_id, sync, sum_dy, sum_dy_xhat, count)
+        return c.sync_reduced(await self._call(self._stub.SyncReduce, req, timeout, metadata))
 
     async def normalize_stream(
         self,

@@ -114,6 +114,9 @@ class SessionInfo:
     num_groups: int = 0
     #: layer norm: whether it has a bias beside its weight (None for the other kinds)
     has_bias: bool | None = None
+    #: a synchronized batch norm session's participants (0: not synchronized) and step timeout
+    sync_participants: int = 0
+    sync_timeout: float | None = None
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -168,6 +171,46 @@ class NormalizeResult:
     batch_statistics: bool
     #: the call had been applied before (a retry): this is its answer, nothing was applied again
     replayed: bool = False
+
+
+@dataclass(frozen=True)
+class SyncReduced:
+    """A synchronized step's backward sums over the group (float32 [C]) and its values per
+    channel."""
+
+    sum_dy: torch.Tensor
+    sum_dy_xhat: torch.Tensor
+    count: int
+    replayed: bool = False
+
+
+def sync_reduce_request(
+    session_id: str,
+    sync: tuple[int, int],
+    sum_dy: ArrayLike,
+    sum_dy_xhat: ArrayLike,
+    count: int,
+) -> pb.SyncReduceRequest:
+    from normserve.client._tensors import as_tensor
+    from normserve.wire import tensor_to_proto
+
+    req = pb.SyncReduceRequest(
+        session_id=session_id, sync=pb.SyncStep(rank=sync[0], step=sync[1]), count=count
+    )
+    tensor_to_proto(as_tensor(sum_dy).detach().float().cpu(), req.sum_dy)
+    tensor_to_proto(as_tensor(sum_dy_xhat).detach().float().cpu(), req.sum_dy_xhat)
+    return req
+
+
+def sync_reduced(msg: pb.SyncReduceResponse) -> SyncReduced:
+    from normserve.wire import tensor_from_proto
+
+    return SyncReduced(
+        tensor_from_proto(msg.sum_dy, "sum_dy").clone(),
+        tensor_from_proto(msg.sum_dy_xhat, "sum_dy_xhat").clone(),
+        msg.count,
+        msg.replayed,
+    )
 
 
 #: Status codes a call is tried again on: the server could not be reached, did not answer in time,
@@ -261,6 +304,8 @@ def session_info(msg: pb.Session) -> SessionInfo:
         normalized_shape=tuple(cfg.normalized_shape),
         num_groups=cfg.num_groups,
         has_bias=cfg.bias if cfg.HasField("bias") else None,
+        sync_participants=cfg.sync.participants,
+        sync_timeout=cfg.sync.timeout_seconds if cfg.HasField("sync") else None,
         _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
     )
 
@@ -289,6 +334,8 @@ def create_request(
     normalized_shape: int | Sequence[int] | None = None,
     num_groups: int = 0,
     has_bias: bool | None = None,
+    sync_participants: int = 0,
+    sync_timeout: float | None = None,
 ) -> pb.CreateSessionRequest:
     """The request for ``create_session`` (see there). None leaves a field unset: the server
     reads it as torch's default for the kind."""
@@ -318,6 +365,10 @@ def create_request(
         cfg.momentum = momentum
     if ttl_seconds is not None:
         cfg.ttl_seconds = ttl_seconds
+    if sync_participants:
+        cfg.sync.participants = sync_participants
+        if sync_timeout is not None:
+            cfg.sync.timeout_seconds = sync_timeout
     if weight is not None or bias is not None:
         from normserve.client._tensors import as_tensor
         from normserve.wire import tensor_to_proto

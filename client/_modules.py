@@ -253,12 +253,17 @@ class _RemoteBatchNorm(nn.Module):
             track_running_stats=self.track_running_stats,
             device=self._server_device,
             ttl_seconds=self._ttl_seconds,
+            **self._session_extra(),
         )
         if self._restore:  # unpickled, and the session was gone: its statistics come back
             self._check_config(info)
             stats = {k: torch.as_tensor(v) for k, v in self._restore.items()}
             client.import_state(info.session_id, stats, strict=False)
         return info
+
+    def _session_extra(self) -> dict[str, Any]:
+        """What a subclass adds to the config of a session it creates (and checks on attach)."""
+        return {}
 
     def _check_config(self, info: SessionInfo) -> None:
         wanted = {
@@ -268,6 +273,7 @@ class _RemoteBatchNorm(nn.Module):
             "momentum": self.momentum,
             "affine": False,
             "track_running_stats": self.track_running_stats,
+            **self._session_extra(),
         }
         diffs = [
             f"{name} is {getattr(info, name)!r} in the session, {value!r} in the module"

@@ -112,6 +112,8 @@ class Client(c.ClientBase):
         normalized_shape: int | Sequence[int] | None = None,
         num_groups: int = 0,
         has_bias: bool | None = None,
+        sync_participants: int = 0,
+        sync_timeout: float | None = None,
     ) -> c.SessionInfo:
         """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
         (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
@@ -126,7 +128,9 @@ class Client(c.ClientBase):
         keep running statistics unless changed from its default. ``session_id``: your id (default:
         the server picks one); ``weight``/``bias``: initial affine parameters; ``device``: "auto",
         "cpu", "cuda" or "cuda:N"; ``allow_non_finite``: accept NaN/Inf; ``ttl_seconds``: idle
-        seconds before it expires (0: never; None: the server's default)."""
+        seconds before it expires (0: never; None: the server's default); ``sync_participants``:
+        a synchronized batch norm session of that many participants (``sync_timeout``: seconds
+        a step waits for its last one; None: the server's 30)."""
         req = c.create_request(
             num_features,
             session_id=session_id,
@@ -143,6 +147,8 @@ class Client(c.ClientBase):
             normalized_shape=normalized_shape,
             num_groups=num_groups,
             has_bias=has_bias,
+            sync_participants=sync_participants,
+            sync_timeout=sync_timeout,
         )
 
         def already_created(code: grpc.StatusCode) -> Any:
@@ -242,17 +248,19 @@ class Client(c.ClientBase):
         idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        sync: tuple[int, int] | None = None,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``). A
         TRAIN batch carries ``idempotency_key`` (default: a fresh UUID), the same on every
-        retry, so it is applied once."""
+        retry, so it is applied once. ``sync``: (rank, step) of a TRAIN batch on a synchronized
+        session (never streamed: it must fit one message)."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
         key = ""
         if c.mode_value(mode) == c.mode_value("train"):
             key = idempotency_key or c.new_idempotency_key()
-        if not tx.fits_unary(t, self.chunk_bytes):
+        if sync is None and not tx.fits_unary(t, self.chunk_bytes):
             # one batch on a stream of its own, tried again as a unary call would be
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
@@ -273,10 +281,26 @@ class Client(c.ClientBase):
                     if delay is None:
                         raise
                 time.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync)
         return tx.normalize_result(
             self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
+
+    def sync_reduce(
+        self,
+        session_id: str,
+        sync: tuple[int, int],
+        sum_dy: ArrayLike,
+        sum_dy_xhat: ArrayLike,
+        count: int,
+        *,
+        timeout: Any = _DEFAULT,
+        metadata: c.Metadata = None,
+    ) -> c.SyncReduced:
+        """A synchronized step's backward reductions: this participant's per-channel sums of dy
+        and dy * x_hat over its ``count`` values per channel; returns the group's."""
+        req = c.sync_reduce_request(session_id, sync, sum_dy, sum_dy_xhat, count)
+        return c.sync_reduced(self._call(self._stub.SyncReduce, req, timeout, metadata))
 
     def normalize_stream(
         self,

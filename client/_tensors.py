@@ -116,10 +116,11 @@ def normalize_request(
     mode: ModeName | str,
     statistics_only: bool,
     idempotency_key: str = "",
+    sync: tuple[int, int] | None = None,
 ) -> bytes:
     """An encoded NormalizeRequest: one copy of the tensor (see normserve.wire)."""
     return wire.encode_normalize_request(
-        session_id, mode_value(mode), x, statistics_only, idempotency_key
+        session_id, mode_value(mode), x, statistics_only, idempotency_key, sync
     )
 
 

@@ -174,6 +174,10 @@ _TENSOR_BYTES = tensor_to_proto(torch.randn(2, 3)).SerializeToString()
 
 def _sample(msg: Any, field: Any) -> None:
     """Sets ``field`` of ``msg`` to a value that is not its default (so protobuf writes it)."""
+    if field.type == _FD.TYPE_MESSAGE and field.message_type.name == "SyncStep":
+        getattr(msg, field.name).rank = 7
+        getattr(msg, field.name).step = 9
+        return
     if field.type == _FD.TYPE_MESSAGE:
         assert field.message_type.name == "Tensor", (
             f"{field.full_name}: teach this test (and normserve.wire) a {field.message_type.name}"
@@ -201,7 +205,7 @@ def _sample(msg: Any, field: Any) -> None:
 def _reencode_request(raw: bytes) -> bytes:
     f = wire.parse_normalize_request(raw)
     return wire.encode_normalize_request(
-        f.session_id, f.mode, f.tensor(), f.statistics_only, f.idempotency_key
+        f.session_id, f.mode, f.tensor(), f.statistics_only, f.idempotency_key, f.sync
     )
 
 
@@ -247,7 +251,7 @@ _REENCODE: dict[str, tuple[Callable[[bytes], bytes], tuple[str, ...]]] = {
 def test_handled_fields_are_exactly_the_contracts() -> None:
     """Walks each hot message's descriptor: the codec's table names every field, and every message
     type those fields carry is itself a hot message."""
-    assert set(HANDLED) == {*_REENCODE, "Tensor"}
+    assert set(HANDLED) == {*_REENCODE, "Tensor", "SyncStep"}
     for name, handled in HANDLED.items():
         fields = getattr(pb, name).DESCRIPTOR.fields
         assert {f.name for f in fields} == handled, name
@@ -279,6 +283,16 @@ def test_every_field_survives_parse_and_encode(name: str) -> None:
     raw = everything.SerializeToString()
     assert {f.name for f, _ in everything.ListFields()} == set(fields)
     assert reencode(raw) == raw
+
+
+def test_sync_step_is_read_present_even_at_rank_and_step_zero() -> None:
+    for rank, step in ((0, 0), (3, 0), (0, 2**64 - 1), (4095, 12)):
+        msg = pb.NormalizeRequest(session_id="s", sync=pb.SyncStep(rank=rank, step=step))
+        msg.input.MergeFromString(_TENSOR_BYTES)
+        raw = msg.SerializeToString()
+        assert wire.parse_normalize_request(raw).sync == (rank, step)
+        assert _reencode_request(raw) == raw
+    assert wire.parse_normalize_request(pb.NormalizeRequest().SerializeToString()).sync is None
 
 
 def test_every_tensor_field_survives_parse_and_encode() -> None:

@@ -50,8 +50,9 @@ _U64 = 1 << 64
 HANDLED: dict[str, frozenset[str]] = {
     "Tensor": frozenset({"dtype", "shape", "data"}),
     "NormalizeRequest": frozenset(
-        {"session_id", "mode", "input", "statistics_only", "idempotency_key"}
+        {"session_id", "mode", "input", "statistics_only", "idempotency_key", "sync"}
     ),
+    "SyncStep": frozenset({"rank", "step"}),
     "NormalizeResponse": frozenset(
         {"output", "mean", "var", "version", "batch_statistics", "replayed"}
     ),
@@ -78,6 +79,7 @@ _WIRE_TYPE = {
     _F.TYPE_ENUM: _VARINT,
     _F.TYPE_INT64: _VARINT,
     _F.TYPE_UINT64: _VARINT,
+    _F.TYPE_UINT32: _VARINT,
     _F.TYPE_STRING: _LEN,
     _F.TYPE_BYTES: _LEN,
     _F.TYPE_MESSAGE: _LEN,
@@ -199,6 +201,8 @@ class NormalizeFrame:
     end_of_batch: bool = False
     has_tensor: bool = False
     idempotency_key: str = ""
+    #: NormalizeRequest.sync as (rank, step); None when absent
+    sync: tuple[int, int] | None = None
     _buf: memoryview | None = None
     _span: tuple[int, int] = (0, 0)
     _name: str = ""
@@ -223,6 +227,7 @@ class _RequestFields:
     statistics_only: int
     end_of_batch: int
     idempotency_key: int
+    sync: int = 0
 
 
 _REQUEST = _RequestFields(
@@ -233,7 +238,24 @@ _REQUEST = _RequestFields(
     statistics_only=_number(pb.NormalizeRequest, "statistics_only", _VARINT),
     end_of_batch=0,
     idempotency_key=_number(pb.NormalizeRequest, "idempotency_key", _LEN),
+    sync=_number(pb.NormalizeRequest, "sync", _LEN),
 )
+_SYNC_RANK = _number(pb.SyncStep, "rank", _VARINT)
+_SYNC_STEP = _number(pb.SyncStep, "step", _VARINT)
+
+
+def _sync(buf: memoryview, span: tuple[int, int], old: tuple[int, int] | None) -> tuple[int, int]:
+    """A SyncStep's (rank, step); merged into an earlier occurrence, as protobuf merges."""
+    rank, step = old if old is not None else (0, 0)
+    for number, wire, value in _fields(buf, span[0], span[1]):
+        if wire == _VARINT:
+            if number == _SYNC_RANK:
+                rank = value & 0xFFFFFFFF
+            elif number == _SYNC_STEP:
+                step = value
+    return rank, step
+
+
 _STREAM_REQUEST = _RequestFields(
     session_id=_number(pb.NormalizeStreamRequest, "session_id", _LEN),
     mode=_number(pb.NormalizeStreamRequest, "mode", _VARINT),
@@ -264,6 +286,8 @@ def _frame(raw: bytes, f: _RequestFields) -> NormalizeFrame:
                 frame.session_id = _text(buf, value, "session_id")
             elif number == f.idempotency_key:
                 frame.idempotency_key = _text(buf, value, "idempotency_key")
+            elif number == f.sync:
+                frame.sync = _sync(buf, value, frame.sync)
         elif wire == _VARINT:
             if number == mode_n:
                 frame.mode = _signed(value)
@@ -426,6 +450,9 @@ _K_RQ_MODE = _key(_RQ, "mode", _VARINT)
 _K_RQ_INPUT = _key(_RQ, "input", _LEN)
 _K_RQ_STATISTICS_ONLY = _key(_RQ, "statistics_only", _VARINT)
 _K_RQ_IDEMPOTENCY_KEY = _key(_RQ, "idempotency_key", _LEN)
+_K_RQ_SYNC = _key(_RQ, "sync", _LEN)
+_K_SYNC_RANK = _key(pb.SyncStep, "rank", _VARINT)
+_K_SYNC_STEP = _key(pb.SyncStep, "step", _VARINT)
 
 
 def encode_normalize_request(
@@ -434,11 +461,15 @@ def encode_normalize_request(
     tensor: torch.Tensor,
     statistics_only: bool,
     idempotency_key: str = "",
+    sync: tuple[int, int] | None = None,
 ) -> bytes:
     parts = [_string(_K_RQ_SESSION_ID, session_id), _scalar(_K_RQ_MODE, mode)]
     parts += _tensor_parts(_K_RQ_INPUT, tensor)
     parts.append(_scalar(_K_RQ_STATISTICS_ONLY, int(statistics_only)))
     parts.append(_string(_K_RQ_IDEMPOTENCY_KEY, idempotency_key))
+    if sync is not None:  # present even when rank and step are 0
+        body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
+        parts.append(_K_RQ_SYNC + _enc_varint(len(body)) + body)
     return b"".join(parts)
 
 

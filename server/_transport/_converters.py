@@ -18,6 +18,8 @@ from normserve.server.service import (
     NormalizeResult,
     SessionConfig,
     SessionView,
+    SyncReduced,
+    SyncStep,
     check_session_id,
     shown,
 )
@@ -74,6 +76,7 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         ttl_seconds=msg.ttl_seconds if msg.HasField("ttl_seconds") else None,
         normalized_shape=tuple(msg.normalized_shape),
         num_groups=msg.num_groups,
+        **_sync_config(msg),
         **given,
     )
     weight = (
@@ -87,6 +90,17 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         else None
     )
     return cfg, weight, bias
+
+
+def _sync_config(msg: pb.SessionConfig) -> dict[str, object]:
+    if not msg.HasField("sync"):
+        return {}
+    fields: dict[str, object] = {"sync_participants": msg.sync.participants}
+    if msg.sync.HasField("timeout_seconds"):
+        fields["sync_timeout"] = msg.sync.timeout_seconds
+    if not msg.sync.participants:
+        raise InvalidArgument("config.sync.participants", "must be between 2 and 4096, got 0")
+    return fields
 
 
 def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
@@ -107,6 +121,9 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
         msg.bias = cfg.bias
     msg.normalized_shape.extend(cfg.normalized_shape)
     msg.num_groups = cfg.num_groups
+    if cfg.sync_participants:
+        msg.sync.participants = cfg.sync_participants
+        msg.sync.timeout_seconds = cfg.sync_timeout
     return msg
 
 
@@ -168,6 +185,34 @@ def normalize_call(raw: bytes) -> NormalizeCall:
         req.statistics_only,
         len(raw),
         req.idempotency_key,
+        None if req.sync is None else SyncStep(*req.sync),
+    )
+
+
+def sync_step(msg: pb.SyncStep) -> SyncStep:
+    return SyncStep(msg.rank, msg.step)
+
+
+def sync_reduce_request(
+    req: pb.SyncReduceRequest,
+) -> tuple[str, SyncStep, torch.Tensor, torch.Tensor, int]:
+    if not req.HasField("sync"):
+        raise InvalidArgument("sync", "a SyncReduce call needs the rank and step it reduces")
+    return (
+        req.session_id,
+        sync_step(req.sync),
+        tensor_from_proto(req.sum_dy, "sum_dy"),
+        tensor_from_proto(req.sum_dy_xhat, "sum_dy_xhat"),
+        req.count,
+    )
+
+
+def sync_reduce_response(r: SyncReduced) -> pb.SyncReduceResponse:
+    return pb.SyncReduceResponse(
+        sum_dy=tensor_to_proto(r.sum_dy),
+        sum_dy_xhat=tensor_to_proto(r.sum_dy_xhat),
+        count=r.count,
+        replayed=r.replayed,
     )
 
 

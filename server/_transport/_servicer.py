@@ -79,6 +79,12 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
         view = await self._as_caller().import_state(request.session_id, entries, request.strict)
         return pb.ImportStateResponse(session=conv.session(view))
 
+    async def SyncReduce(
+        self, request: pb.SyncReduceRequest, context: Context
+    ) -> pb.SyncReduceResponse:
+        reduced = await self._as_caller().sync_reduce(*conv.sync_reduce_request(request))
+        return conv.sync_reduce_response(reduced)
+
     # The two methods that carry tensors take and return raw bytes: normserve.wire reads them
     # zero-copy and writes them with one copy (see handlers()).
 

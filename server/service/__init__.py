@@ -40,6 +40,8 @@ from normserve.server.service._facade import (
     SessionView,
     StageObserver,
     StreamEncoder,
+    SyncReduced,
+    SyncStep,
 )
 from normserve.server.service._manager import (
     SessionManager,
@@ -103,6 +105,8 @@ __all__ = [
     "StoreUnavailable",
     "StreamBuffers",
     "StreamEncoder",
+    "SyncReduced",
+    "SyncStep",
     "TenantQuotas",
     "Unauthenticated",
     "Unavailable",

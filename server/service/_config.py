@@ -13,9 +13,11 @@ from normserve.server.service._errors import FailedPrecondition, InvalidArgument
 __all__ = [
     "ANSWER_OVERHEAD_BYTES",
     "DEFAULT_MAX_FEATURES",
+    "DEFAULT_SYNC_TIMEOUT",
     "KIND_DEFAULTS",
     "MAX_EPS",
     "MAX_NORMALIZED_DIMS",
+    "MAX_SYNC_PARTICIPANTS",
     "MIN_EPS",
     "Kind",
     "Mode",
@@ -79,6 +81,11 @@ KIND_DEFAULTS: dict[Kind, dict[str, object]] = {
     Kind.RMS_NORM: {"momentum": None, "track_running_stats": False, "eps": None},
 }
 
+#: A synchronized session's participants at most, and its step timeout unless the config sets one.
+MAX_SYNC_PARTICIPANTS = 4096
+DEFAULT_SYNC_TIMEOUT = 30.0
+MAX_SYNC_TIMEOUT = 3600.0
+
 #: The most dims a normalized_shape may have (torch's tensors have at most a few dozen).
 MAX_NORMALIZED_DIMS = 16
 
@@ -113,6 +120,10 @@ class SessionConfig:
     num_groups: int = 0
     #: layer norm: a bias beside the weight (None, unset, reads as True; other kinds: None)
     bias: bool | None = None
+    #: batch norm: the participants of a synchronized session (0: not synchronized)
+    sync_participants: int = 0
+    #: seconds a synchronized step waits for its last participant
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
 
     def __post_init__(self) -> None:
         # a config read back from JSON carries a list; and layer and RMS norm may leave
@@ -207,6 +218,27 @@ class SessionConfig:
         if kind is not Kind.LAYER_NORM and self.bias is not None:
             why = "RMS norm has no bias" if kind is Kind.RMS_NORM else f"{name}'s comes with affine"
             raise InvalidArgument("config.bias", f"only layer norm reads it; {why}")
+        self._validate_sync()
+
+    def _validate_sync(self) -> None:
+        k = self.sync_participants
+        if not k:
+            return
+        if self.kind is not Kind.BATCH_NORM:
+            raise InvalidArgument(
+                "config.sync",
+                f"only batch norm sessions can be synchronized, not {self.kind.title}",
+            )
+        if not 2 <= k <= MAX_SYNC_PARTICIPANTS:
+            raise InvalidArgument(
+                "config.sync.participants",
+                f"must be between 2 and {MAX_SYNC_PARTICIPANTS}, got {k}",
+            )
+        if not (math.isfinite(self.sync_timeout) and 0 < self.sync_timeout <= MAX_SYNC_TIMEOUT):
+            raise InvalidArgument(
+                "config.sync.timeout_seconds",
+                f"must be in (0, {MAX_SYNC_TIMEOUT:g}], got {self.sync_timeout}",
+            )
 
     def _validate_normalized_shape(self) -> None:
         shape, name = self.normalized_shape, self.kind.title

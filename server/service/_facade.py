@@ -33,8 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from normserve.server import ops
 from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
-from normserve.server.service._errors import NotFound, ResourceExhausted
+from normserve.server.service._errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from normserve.server.service._groups import Groups, SyncStep, reduce_sums
 from normserve.server.service._manager import SessionManager
 from normserve.server.service._quotas import TenantQuotas
 from normserve.server.service._session import Busy, NormalizeResult, Session
@@ -52,6 +59,8 @@ __all__ = [
     "SessionView",
     "StageObserver",
     "StreamEncoder",
+    "SyncReduced",
+    "SyncStep",
 ]
 
 T = TypeVar("T")
@@ -109,6 +118,29 @@ class NormalizeCall:
     statistics_only: bool = False
     nbytes: int = 0
     idempotency_key: str = ""
+    #: a participant's place in a synchronized TRAIN step (None: not synchronized)
+    sync: SyncStep | None = None
+
+
+@dataclass(frozen=True)
+class SyncReduced:
+    """A synchronized step's backward sums over the group."""
+
+    sum_dy: torch.Tensor
+    sum_dy_xhat: torch.Tensor
+    count: int
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class _SyncForward:
+    """What a synchronized step's combine leaves every participant: the global statistics, what
+    normalizing with them needs, and the version after the step's update."""
+
+    step: Any
+    prepared: Any
+    state: SessionState
+    version: int
 
 
 class NormalizerService:
@@ -131,6 +163,8 @@ class NormalizerService:
         self.stages: StageObserver = stages or _NoStages()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._views: dict[str, NormalizerService] = {}
+        #: rendezvous of synchronized sessions (shared by every tenant's view)
+        self.groups = Groups()
         #: the store is in this process (memory, local files): its reads and commits may run on
         #: the event loop
         self.local_store = not sessions.store.shared
@@ -193,6 +227,13 @@ class NormalizerService:
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> SessionView:
+        if config.sync_participants and not self.local_store:
+            raise FailedPrecondition(
+                "config.sync: a synchronized session's participants must all reach one server "
+                "process, and this server's store is shared across processes (replicas); "
+                "create it on a server with a store of its own"
+            )
+
         def create() -> SessionView:
             s = self.sessions.create(config, session_id, weight, bias)
             return self._view(s)
@@ -306,6 +347,21 @@ class NormalizerService:
         self.check_answer(
             x, call.statistics_only, statistics=session.kind.statistics_numel(x.shape)
         )
+        if call.sync is not None:
+            if not session.config.sync_participants:
+                raise InvalidArgument(
+                    "sync",
+                    f"session {session.session_id!r} is not synchronized (its config has no sync "
+                    "group); send no sync",
+                )
+            if mode is Mode.TRAIN:
+                synced = await self._normalize_sync(session, x, call.statistics_only, call.sync)
+                t2 = perf_counter()
+                answer = encode(synced)
+                self.record(
+                    "Normalize", session, mode, synced, x.numel(), t1 - t0, perf_counter() - t2
+                )
+                return answer
         result = None
         key = call.idempotency_key
         if self.local_store and x.numel() * x.element_size() <= INLINE_BYTES:
@@ -319,6 +375,100 @@ class NormalizerService:
         answer = encode(result)
         self.record("Normalize", session, mode, result, x.numel(), t1 - t0, perf_counter() - t2)
         return answer
+
+    async def _normalize_sync(
+        self, session: Session, x: torch.Tensor, statistics_only: bool, sync: SyncStep
+    ) -> NormalizeResult:
+        """One participant's batch of a synchronized TRAIN step (see ``_groups``)."""
+        t0 = perf_counter()
+        if x.device != session.device:
+            x = x.to(session.device)
+        kind = session.kind
+        moments = kind.chunk_statistics(x, None)  # [C]-sized: float64 Chan merges after
+        count = x.numel() // x.shape[1]
+        shape = list(x.shape)
+
+        async def combine(parts: list[tuple[Any, int]]) -> _SyncForward:
+            merged = None
+            for m, _ in parts:  # in rank order: every participant's statistics are the same bits
+                if m is not None:
+                    merged = m if merged is None else ops.merge_moments(merged, m)
+            total = sum(n for _, n in parts)
+            if total == 1:
+                raise InvalidArgument(
+                    "input.shape",
+                    "batch statistics need more than 1 value per channel over the group, got 1",
+                )
+            return await self.compute(self._sync_commit, session, merged, [total, *shape[1:]])
+
+        t_wait = perf_counter()
+        fwd, replayed = await session_group(self, session).forward.gather(
+            sync, (moments, count), combine
+        )
+        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
+        await self.durable(fwd.step.durable)
+        out = None
+        if not statistics_only:
+            if fwd.prepared is None or x.numel() == 0:
+                out = torch.empty_like(x)
+            else:
+                out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
+        step = fwd.step.value
+        compute = perf_counter() - t0 - waited
+        session.touch()
+        mean, var = step.mean.float(), step.var.float()
+        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
+
+    @staticmethod
+    def _sync_commit(session: Session, merged: Any, shape: list[int]) -> _SyncForward:
+        """The group's merged statistics committed as one update of the running statistics."""
+        kind = session.kind
+        prepared: list[Any] = []
+
+        def compute(s: SessionState, n: int) -> Any:
+            step, prep = kind.finish(merged, shape, s, Mode.TRAIN, n)
+            prepared[:] = [prep]
+            return step
+
+        if kind.updates_running(Mode.TRAIN):
+            step, version, _, ticket, _ = session.update(compute, "input", merged is None)
+            state = session.read_state(touch=False)
+        else:
+            state = session.read_state(touch=False)
+            step, version, ticket = compute(state, state.num_batches_tracked), state.version, None
+            session.check_step(step, "input", merged is None)
+        return _SyncForward(_Committed(step, ticket), prepared[0], state, version)
+
+    async def sync_reduce(
+        self,
+        session_id: str,
+        sync: SyncStep,
+        sum_dy: torch.Tensor,
+        sum_dy_xhat: torch.Tensor,
+        count: int,
+    ) -> SyncReduced:
+        """One participant's backward sums of a synchronized step; the group's, once all came."""
+        session = self.sessions.get(session_id)
+        if not session.config.sync_participants:
+            raise InvalidArgument(
+                "sync", f"session {session.session_id!r} is not synchronized (no sync group)"
+            )
+        c = session.config.num_features
+        for name, t in (("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)):
+            if tuple(t.shape) != (c,) or not t.dtype.is_floating_point:
+                raise InvalidArgument(
+                    name, f"expected a float32 tensor of shape [{c}], got {t.dtype} {list(t.shape)}"
+                )
+        parts = (sum_dy.detach().cpu(), sum_dy_xhat.detach().cpu(), count)
+
+        async def combine(all_parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Any:
+            return reduce_sums(all_parts)
+
+        (dy, dy_xhat, total), replayed = await session_group(self, session).backward.gather(
+            sync, parts, combine
+        )
+        session.touch()
+        return SyncReduced(dy, dy_xhat, total, replayed)
 
     def record(
         self,
@@ -349,6 +499,17 @@ class NormalizerService:
         finally:
             metered.release()
             quotas.close_stream(tenant)
+
+
+@dataclass(frozen=True)
+class _Committed:
+    value: Any
+    durable: Ticket
+
+
+def session_group(service: NormalizerService, session: Session) -> Any:
+    """The rendezvous of a synchronized session."""
+    return service.groups.of(session)
 
 
 class _Metered:

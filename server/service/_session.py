@@ -395,6 +395,7 @@ class Session:
         update of the session."""
         t0 = time.perf_counter()
         self.check_input(x)
+        self.check_unsynchronized(mode, "sync")
         if x.device != self.device:
             x = x.to(self.device)
         kind = self.kind
@@ -418,6 +419,16 @@ class Session:
             self.check_step(step, "input", empty)
         return self.result(step, state.version, batch, 0.0, t0)
 
+    def check_unsynchronized(self, mode: Mode, field: str) -> None:
+        """A synchronized session's TRAIN batches come through its group's rendezvous only."""
+        if mode is Mode.TRAIN and self.config.sync_participants:
+            raise InvalidArgument(
+                field,
+                f"session {self.session_id!r} is synchronized over "
+                f"{self.config.sync_participants} participants: a TRAIN call must name its rank "
+                "and step (NormalizeRequest.sync), and cannot come on a stream",
+            )
+
     @staticmethod
     def idempotency(
         key: str, mode: Mode, x: torch.Tensor | None, statistics_only: bool, rows: int = -1
@@ -438,6 +449,7 @@ class Session:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
+        self.check_unsynchronized(mode, "mode")
         return ChunkedBatch(self, mode, statistics_only, idempotency_key)
 
     def reset(self) -> tuple[SessionState, Ticket]:

@@ -33,6 +33,7 @@ README_METHODS = {
     "import_state",
     "normalize",
     "normalize_stream",
+    "sync_reduce",
     "health",
 }
 

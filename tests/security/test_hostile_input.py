@@ -201,6 +201,14 @@ def _valid_unary(rng: random.Random, method: str) -> bytes:
     if method == "Normalize":
         x = _tensor(rng, c, rng.randint(0, 8))
         return wire.encode_normalize_request(sid, rng.choice([1, 2]), x, rng.random() < 0.3)
+    if method == "SyncReduce":  # the fuzzed sessions are not synchronized: refused, never waits
+        return pb.SyncReduceRequest(
+            session_id=sid,
+            sync=pb.SyncStep(rank=rng.randint(0, 3), step=rng.randint(0, 2**64 - 1)),
+            sum_dy=wire.tensor_to_proto(torch.randn(c)),
+            sum_dy_xhat=wire.tensor_to_proto(torch.randn(rng.choice([c, c + 1]))),
+            count=rng.randint(0, 100),
+        ).SerializeToString()
     raise AssertionError(method)
 
 

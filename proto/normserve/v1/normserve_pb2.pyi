@@ -68,7 +68,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias", "sync")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class SessionConfig(_message.Message):
     NORMALIZED_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
     kind: NormKind
     num_features: int
     eps: float
@@ -97,7 +98,24 @@ class SessionConfig(_message.Message):
     normalized_shape: _containers.RepeatedScalarFieldContainer[int]
     num_groups: int
     bias: bool
-    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+    sync: SyncGroup
+    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
+
+class SyncGroup(_message.Message):
+    __slots__ = ("participants", "timeout_seconds")
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    participants: int
+    timeout_seconds: float
+    def __init__(self, participants: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class SyncStep(_message.Message):
+    __slots__ = ("rank", "step")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time", "expire_time")
@@ -224,18 +242,20 @@ class ImportStateResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class NormalizeRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "input", "statistics_only", "idempotency_key")
+    __slots__ = ("session_id", "mode", "input", "statistics_only", "idempotency_key", "sync")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_ONLY_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     input: Tensor
     statistics_only: bool
     idempotency_key: str
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    sync: SyncStep
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ...) -> None: ...
 
 class NormalizeResponse(_message.Message):
     __slots__ = ("output", "mean", "var", "version", "batch_statistics", "replayed")
@@ -288,3 +308,29 @@ class NormalizeStreamResponse(_message.Message):
     batch_statistics: bool
     replayed: bool
     def __init__(self, batch_index: _Optional[int] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class SyncReduceRequest(_message.Message):
+    __slots__ = ("session_id", "sync", "sum_dy", "sum_dy_xhat", "count")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_XHAT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    sync: SyncStep
+    sum_dy: Tensor
+    sum_dy_xhat: Tensor
+    count: int
+    def __init__(self, session_id: _Optional[str] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ..., sum_dy: _Optional[_Union[Tensor, _Mapping]] = ..., sum_dy_xhat: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class SyncReduceResponse(_message.Message):
+    __slots__ = ("sum_dy", "sum_dy_xhat", "count", "replayed")
+    SUM_DY_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_XHAT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    sum_dy: Tensor
+    sum_dy_xhat: Tensor
+    count: int
+    replayed: bool
+    def __init__(self, sum_dy: _Optional[_Union[Tensor, _Mapping]] = ..., sum_dy_xhat: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

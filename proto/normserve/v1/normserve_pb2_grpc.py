@@ -80,6 +80,11 @@ class NormalizerStub:
                 request_serializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.FromString,
                 _registered_method=True)
+        self.SyncReduce = channel.unary_unary(
+                '/normserve.v1.Normalizer/SyncReduce',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.FromString,
+                _registered_method=True)
 
 
 class NormalizerServicer:
@@ -152,6 +157,14 @@ class NormalizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncReduce(self, request, context):
+        """The backward reductions of a synchronized batch norm step: each of the group's participants
+        sends its per-channel sums, and every one receives the group's (see SyncGroup).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NormalizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +212,11 @@ def add_NormalizerServicer_to_server(servicer, server):
                     servicer.NormalizeStream,
                     request_deserializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.SerializeToString,
+            ),
+            'SyncReduce': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncReduce,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +463,33 @@ class Normalizer:
             '/normserve.v1.Normalizer/NormalizeStream',
             normserve_dot_v1_dot_normserve__pb2.NormalizeStreamRequest.SerializeToString,
             normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncReduce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/SyncReduce',
+            normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.FromString,
             options,
             channel_credentials,
             insecure,
