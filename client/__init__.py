@@ -15,6 +15,7 @@ from normserve.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
     NormalizeResult,
+    RenormLimits,
     RetryPolicy,
     SessionInfo,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "RemoteInstanceNorm3d",
     "RemoteLayerNorm",
     "RemoteRMSNorm",
+    "RenormLimits",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SessionInfo",

@@ -112,14 +112,18 @@ class Client(c.ClientBase):
         normalized_shape: int | Sequence[int] | None = None,
         num_groups: int = 0,
         has_bias: bool | None = None,
+        renorm: c.RenormLimits | None = None,
+        ghost_batch_size: int = 0,
     ) -> c.SessionInfo:
         """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
         (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
         ``"layer_norm"`` (``LayerNorm(normalized_shape, eps, elementwise_affine=affine,
         bias=has_bias)``), ``"group_norm"`` (``GroupNorm(num_groups, num_features, eps, affine)``),
         ``"instance_norm"`` (``InstanceNorm*d(num_features, eps, momentum, affine,
-        track_running_stats)``) or ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
-        elementwise_affine=affine)``); for layer and RMS norm ``num_features`` may be 0 (the
+        track_running_stats)``), ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
+        elementwise_affine=affine)``), ``"batch_renorm"`` (batch norm with ``renorm``'s limits;
+        None: rmax 3, dmax 5, no warm-up) or ``"ghost_batch_norm"`` (batch norm over virtual
+        batches of ``ghost_batch_size``); for layer and RMS norm ``num_features`` may be 0 (the
         product of ``normalized_shape``). ``eps``, ``affine``, ``track_running_stats`` and
         ``has_bias`` left None take torch's default for the kind; ``momentum=None`` is torch's
         momentum=None (the cumulative average for batch norm), and is sent only to the kinds that
@@ -143,6 +147,8 @@ class Client(c.ClientBase):
             normalized_shape=normalized_shape,
             num_groups=num_groups,
             has_bias=has_bias,
+            renorm=renorm,
+            ghost_batch_size=ghost_batch_size,
         )
 
         def already_created(code: grpc.StatusCode) -> Any:

@@ -30,6 +30,8 @@ _KINDS_OUT = {
     Kind.GROUP_NORM: pb.NORM_KIND_GROUP_NORM,
     Kind.INSTANCE_NORM: pb.NORM_KIND_INSTANCE_NORM,
     Kind.RMS_NORM: pb.NORM_KIND_RMS_NORM,
+    Kind.BATCH_RENORM: pb.NORM_KIND_BATCH_RENORM,
+    Kind.GHOST_BATCH_NORM: pb.NORM_KIND_GHOST_BATCH_NORM,
 }
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM} | {v: k for k, v in _KINDS_OUT.items()}
 _IMPLEMENTED = ", ".join(pb.NormKind.Name(v) for v in _KINDS_OUT.values())
@@ -74,7 +76,9 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         ttl_seconds=msg.ttl_seconds if msg.HasField("ttl_seconds") else None,
         normalized_shape=tuple(msg.normalized_shape),
         num_groups=msg.num_groups,
+        ghost_batch_size=msg.ghost_batch_size,
         **given,
+        **_renorm(msg),
     )
     weight = (
         tensor_from_proto(msg.initial_weight, "config.initial_weight")
@@ -87,6 +91,25 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         else None
     )
     return cfg, weight, bias
+
+
+def _renorm(msg: pb.SessionConfig) -> dict[str, object]:
+    """BatchRenormConfig's fields as SessionConfig's; unset limits keep the kind's defaults."""
+    if not msg.HasField("renorm"):
+        return {}
+    if msg.kind != pb.NORM_KIND_BATCH_RENORM:
+        raise InvalidArgument(
+            "config.renorm", f"only batch renorm reads it, not {pb.NormKind.Name(msg.kind)}"
+        )
+    r = msg.renorm
+    out: dict[str, object] = {
+        "rmax_warmup_steps": r.rmax_warmup_steps,
+        "dmax_warmup_steps": r.dmax_warmup_steps,
+    }
+    for name in ("rmax", "dmax"):
+        if r.HasField(name):
+            out[name] = getattr(r, name)
+    return out
 
 
 def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
@@ -107,6 +130,16 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
         msg.bias = cfg.bias
     msg.normalized_shape.extend(cfg.normalized_shape)
     msg.num_groups = cfg.num_groups
+    msg.ghost_batch_size = cfg.ghost_batch_size
+    if cfg.rmax is not None and cfg.dmax is not None:
+        msg.renorm.CopyFrom(
+            pb.BatchRenormConfig(
+                rmax=cfg.rmax,
+                dmax=cfg.dmax,
+                rmax_warmup_steps=cfg.rmax_warmup_steps,
+                dmax_warmup_steps=cfg.dmax_warmup_steps,
+            )
+        )
     return msg
 
 

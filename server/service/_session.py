@@ -300,8 +300,8 @@ class Session:
                 "the running statistics would exceed float32's range; nothing was applied",
             )
 
-    def _next_count(self, s: SessionState) -> int:
-        n = s.num_batches_tracked + 1
+    def _next_count(self, s: SessionState, batches: int = 1) -> int:
+        n = s.num_batches_tracked + batches
         if n > MAX_BATCHES_TRACKED:
             raise FailedPrecondition(
                 f"session {self.session_id!r}: num_batches_tracked would overflow int64; "
@@ -338,6 +338,8 @@ class Session:
                 )  # before the commit: a bad batch changes nothing
                 steps.append(step)
                 assert step.running is not None
+                if step.batches is not None:
+                    n = self._next_count(s, step.batches)
                 return s.advanced(num_batches_tracked=n, **step.running)
 
             _, new, ticket = self._transition(next_state, idempotency)

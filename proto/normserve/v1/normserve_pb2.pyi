@@ -27,6 +27,8 @@ class NormKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NORM_KIND_GROUP_NORM: _ClassVar[NormKind]
     NORM_KIND_INSTANCE_NORM: _ClassVar[NormKind]
     NORM_KIND_RMS_NORM: _ClassVar[NormKind]
+    NORM_KIND_BATCH_RENORM: _ClassVar[NormKind]
+    NORM_KIND_GHOST_BATCH_NORM: _ClassVar[NormKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +47,8 @@ NORM_KIND_LAYER_NORM: NormKind
 NORM_KIND_GROUP_NORM: NormKind
 NORM_KIND_INSTANCE_NORM: NormKind
 NORM_KIND_RMS_NORM: NormKind
+NORM_KIND_BATCH_RENORM: NormKind
+NORM_KIND_GHOST_BATCH_NORM: NormKind
 MODE_UNSPECIFIED: Mode
 MODE_TRAIN: Mode
 MODE_EVAL: Mode
@@ -68,7 +72,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias", "renorm", "ghost_batch_size")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +87,8 @@ class SessionConfig(_message.Message):
     NORMALIZED_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    RENORM_FIELD_NUMBER: _ClassVar[int]
+    GHOST_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     kind: NormKind
     num_features: int
     eps: float
@@ -97,7 +103,21 @@ class SessionConfig(_message.Message):
     normalized_shape: _containers.RepeatedScalarFieldContainer[int]
     num_groups: int
     bias: bool
-    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+    renorm: BatchRenormConfig
+    ghost_batch_size: int
+    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ..., renorm: _Optional[_Union[BatchRenormConfig, _Mapping]] = ..., ghost_batch_size: _Optional[int] = ...) -> None: ...
+
+class BatchRenormConfig(_message.Message):
+    __slots__ = ("rmax", "dmax", "rmax_warmup_steps", "dmax_warmup_steps")
+    RMAX_FIELD_NUMBER: _ClassVar[int]
+    DMAX_FIELD_NUMBER: _ClassVar[int]
+    RMAX_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DMAX_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    rmax: float
+    dmax: float
+    rmax_warmup_steps: int
+    dmax_warmup_steps: int
+    def __init__(self, rmax: _Optional[float] = ..., dmax: _Optional[float] = ..., rmax_warmup_steps: _Optional[int] = ..., dmax_warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time", "expire_time")

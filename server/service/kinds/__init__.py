@@ -5,6 +5,8 @@ from __future__ import annotations
 from normserve.server.service._config import Kind, SessionConfig
 from normserve.server.service.kinds._base import Normalization, Step
 from normserve.server.service.kinds._batch_norm import BatchNorm
+from normserve.server.service.kinds._batch_renorm import BatchRenorm
+from normserve.server.service.kinds._ghost_batch_norm import GhostBatchNorm
 from normserve.server.service.kinds._group_norm import GroupNorm
 from normserve.server.service.kinds._instance_norm import InstanceNorm
 from normserve.server.service.kinds._layer_norm import LayerNorm, RMSNorm
@@ -12,6 +14,8 @@ from normserve.server.service.kinds._layer_norm import LayerNorm, RMSNorm
 __all__ = [
     "KINDS",
     "BatchNorm",
+    "BatchRenorm",
+    "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -27,6 +31,8 @@ KINDS: dict[Kind, type[Normalization]] = {
     Kind.GROUP_NORM: GroupNorm,
     Kind.INSTANCE_NORM: InstanceNorm,
     Kind.RMS_NORM: RMSNorm,
+    Kind.BATCH_RENORM: BatchRenorm,
+    Kind.GHOST_BATCH_NORM: GhostBatchNorm,
 }
 
 

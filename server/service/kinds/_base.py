@@ -2,7 +2,7 @@
 
 A kind owns its math (through ``normserve.server.ops``) and the shape of what it keeps between
 batches; the session owns ordering, validation of what is stored, and commits. Adding a kind
-(layer, group, instance, RMS norm, batch renorm, ghost batch norm) is one module here plus one
+(layer, group, instance, RMS norm, batch renorm, ghost batch norm, ...) is one module here plus one
 entry in ``kinds.KINDS``; the session and the transport stay as they are.
 """
 
@@ -38,6 +38,9 @@ class Step:
     mean: torch.Tensor
     var: torch.Tensor
     running: dict[str, torch.Tensor] | None = None
+    #: how many batches the update counts in num_batches_tracked, where a kind counts other than
+    #: one per call (ghost batch norm: one per virtual batch); None: the kind's usual count
+    batches: int | None = None
 
 
 class Normalization(ABC):
