@@ -32,6 +32,14 @@ from normserve.client._errors import (
 from normserve.client._sync import Client
 
 if TYPE_CHECKING:
+    from normserve.client._batch_modules import (
+        RemoteBatchRenorm1d,
+        RemoteBatchRenorm2d,
+        RemoteBatchRenorm3d,
+        RemoteGhostBatchNorm1d,
+        RemoteGhostBatchNorm2d,
+        RemoteGhostBatchNorm3d,
+    )
     from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
     from normserve.client._norm_modules import (
         RemoteGroupNorm,
@@ -57,6 +65,12 @@ __all__ = [
     "RemoteBatchNorm1d",
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
+    "RemoteBatchRenorm1d",
+    "RemoteBatchRenorm2d",
+    "RemoteBatchRenorm3d",
+    "RemoteGhostBatchNorm1d",
+    "RemoteGhostBatchNorm2d",
+    "RemoteGhostBatchNorm3d",
     "RemoteGroupNorm",
     "RemoteInstanceNorm1d",
     "RemoteInstanceNorm2d",
@@ -80,6 +94,15 @@ _NORM_MODULES = (
     "RemoteRMSNorm",
 )
 
+_BATCH_MODULES = (
+    "RemoteBatchRenorm1d",
+    "RemoteBatchRenorm2d",
+    "RemoteBatchRenorm3d",
+    "RemoteGhostBatchNorm1d",
+    "RemoteGhostBatchNorm2d",
+    "RemoteGhostBatchNorm3d",
+)
+
 
 def __getattr__(name: str) -> Any:
     # The torch modules load torch: only when asked for, so the clients and the operator commands
@@ -88,6 +111,10 @@ def __getattr__(name: str) -> Any:
         from normserve.client import _modules
 
         return getattr(_modules, name)
+    if name in _BATCH_MODULES:
+        from normserve.client import _batch_modules
+
+        return getattr(_batch_modules, name)
     if name in _NORM_MODULES:
         from normserve.client import _norm_modules
 
