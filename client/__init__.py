@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         RemoteGhostBatchNorm1d,
         RemoteGhostBatchNorm2d,
         RemoteGhostBatchNorm3d,
+        RemoteRecurrentBatchNorm1d,
     )
     from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
     from normserve.client._norm_modules import (
@@ -77,6 +78,7 @@ __all__ = [
     "RemoteInstanceNorm3d",
     "RemoteLayerNorm",
     "RemoteRMSNorm",
+    "RemoteRecurrentBatchNorm1d",
     "RenormLimits",
     "ResourceExhaustedError",
     "RetryPolicy",
@@ -101,6 +103,7 @@ _BATCH_MODULES = (
     "RemoteGhostBatchNorm1d",
     "RemoteGhostBatchNorm2d",
     "RemoteGhostBatchNorm3d",
+    "RemoteRecurrentBatchNorm1d",
 )
 
 

@@ -121,6 +121,7 @@ class AsyncClient(c.ClientBase):
         has_bias: bool | None = None,
         renorm: c.RenormLimits | None = None,
         ghost_batch_size: int = 0,
+        time_steps: int = 0,
     ) -> c.SessionInfo:
         """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
         (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
@@ -129,8 +130,9 @@ class AsyncClient(c.ClientBase):
         ``"instance_norm"`` (``InstanceNorm*d(num_features, eps, momentum, affine,
         track_running_stats)``), ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
         elementwise_affine=affine)``), ``"batch_renorm"`` (batch norm with ``renorm``'s limits;
-        None: rmax 3, dmax 5, no warm-up) or ``"ghost_batch_norm"`` (batch norm over virtual
-        batches of ``ghost_batch_size``); for layer and RMS norm ``num_features`` may be 0 (the
+        None: rmax 3, dmax 5, no warm-up), ``"ghost_batch_norm"`` (batch norm over virtual
+        batches of ``ghost_batch_size``) or ``"recurrent_batch_norm"`` (batch norm with
+        ``time_steps`` slots of running statistics, ``normalize(..., time_step=t)``); for layer and RMS norm ``num_features`` may be 0 (the
         product of ``normalized_shape``). ``eps``, ``affine``, ``track_running_stats`` and
         ``has_bias`` left None take torch's default for the kind; ``momentum=None`` is torch's
         momentum=None (the cumulative average for batch norm), and is sent only to the kinds that
@@ -156,6 +158,7 @@ class AsyncClient(c.ClientBase):
             has_bias=has_bias,
             renorm=renorm,
             ghost_batch_size=ghost_batch_size,
+            time_steps=time_steps,
         )
 
         async def already_created(code: grpc.StatusCode) -> Any:
@@ -263,6 +266,7 @@ class AsyncClient(c.ClientBase):
         idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
+        time_step: int = 0,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``); see
         ``Client.normalize``."""
@@ -284,6 +288,7 @@ class AsyncClient(c.ClientBase):
                         timeout=retrier.timeout(),
                         metadata=metadata,
                         idempotency_keys=iter([key]),
+                        time_step=time_step,
                     ):
                         return result
                     raise AssertionError("the stream ended without an answer")
@@ -292,7 +297,7 @@ class AsyncClient(c.ClientBase):
                     if delay is None:
                         raise
                 await asyncio.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key, time_step)
         return tx.normalize_result(
             await self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
@@ -307,12 +312,15 @@ class AsyncClient(c.ClientBase):
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
+        time_step: int = 0,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order (see
         ``Client.normalize_stream``)."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
-        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys)
+        plan = tx.StreamPlan(
+            session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys, time_step
+        )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
             call = self._normalize_stream(

@@ -1,5 +1,6 @@
-"""``RemoteBatchRenorm1d/2d/3d`` and ``RemoteGhostBatchNorm1d/2d/3d``: batch renormalization and
-ghost batch norm as torch modules whose statistics live in a server session.
+"""``RemoteBatchRenorm1d/2d/3d``, ``RemoteGhostBatchNorm1d/2d/3d`` and
+``RemoteRecurrentBatchNorm1d``: batch renormalization, ghost batch norm and recurrent batch norm as
+torch modules whose statistics live in a server session.
 
 They are ``RemoteBatchNorm*d`` in every other way (attaching to sessions, copies, pickling,
 ``state_dict``); only the session's kind and the backward differ. The server returns x_hat and
@@ -26,6 +27,7 @@ __all__ = [
     "RemoteGhostBatchNorm1d",
     "RemoteGhostBatchNorm2d",
     "RemoteGhostBatchNorm3d",
+    "RemoteRecurrentBatchNorm1d",
 ]
 
 
@@ -46,7 +48,12 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: _BatchVariant, mode: str) -> torch.Tensor:  # type: ignore[override]
-        result = module.client.normalize(module.session_id, x, mode=mode)  # type: ignore[arg-type]
+        result = module.client.normalize(
+            module.session_id,
+            x,
+            mode=mode,  # type: ignore[arg-type]
+            time_step=module._time_step,
+        )
         invstd = torch.rsqrt(result.var.to(x.device) + module.eps)
         ctx.save_for_backward(x, result.output, invstd)
         ctx.module = module
@@ -65,6 +72,9 @@ class _Normalize(torch.autograd.Function):
 
 
 class _BatchVariant(_RemoteBatchNorm):
+    #: the time step the next call names (recurrent batch norm's forward sets it)
+    _time_step = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         self._ensure_session()
@@ -163,6 +173,52 @@ class _RemoteGhostBatchNorm(_BatchVariant):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+
+
+class RemoteRecurrentBatchNorm1d(_BatchVariant):
+    """Recurrent batch norm (Cooijmans et al. 2016) over ``[N, C]`` or ``[N, C, L]``: a slot of
+    running statistics per time step on a server (``time_steps`` of them; later steps share the
+    last), weight and bias shared across steps. ``forward(x, t)`` names the step."""
+
+    _kind = "recurrent_batch_norm"
+    _ranks = (2, 3)
+
+    def __init__(
+        self,
+        num_features: int,
+        time_steps: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        **connection: Any,
+    ) -> None:
+        """Batch norm's arguments with ``time_steps`` after ``num_features`` (momentum must be
+        a number: one num_batches_tracked serves every slot), then ``RemoteBatchNorm*d``'s
+        ``client``, ``session_id``, ... . running_mean and running_var are [time_steps, C]."""
+        self.time_steps = time_steps
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **connection
+        )
+
+    def _kind_options(self) -> dict[str, Any]:
+        return {"time_steps": self.time_steps}
+
+    def forward(self, x: torch.Tensor, time_step: int = 0) -> torch.Tensor:  # type: ignore[override]
+        if time_step < 0:
+            raise ValueError(f"time_step must be >= 0, got {time_step}")
+        self._time_step = int(time_step)
+        return super().forward(x)
+
+    def _train_backward(
+        self, g: torch.Tensor, x: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor
+    ) -> torch.Tensor:
+        return _batch_backward(g, xh, invstd)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, time_steps={self.time_steps}"
 
 
 class RemoteBatchRenorm1d(_RemoteBatchRenorm):

@@ -58,6 +58,7 @@ KindName = Literal[
     "rms_norm",
     "batch_renorm",
     "ghost_batch_norm",
+    "recurrent_batch_norm",
 ]
 _KINDS: dict[str, int] = {
     "batch_norm": pb.NORM_KIND_BATCH_NORM,
@@ -67,10 +68,17 @@ _KINDS: dict[str, int] = {
     "rms_norm": pb.NORM_KIND_RMS_NORM,
     "batch_renorm": pb.NORM_KIND_BATCH_RENORM,
     "ghost_batch_norm": pb.NORM_KIND_GHOST_BATCH_NORM,
+    "recurrent_batch_norm": pb.NORM_KIND_RECURRENT_BATCH_NORM,
 }
 _KIND_NAMES = {v: k for k, v in _KINDS.items()} | {pb.NORM_KIND_UNSPECIFIED: "batch_norm"}
 #: The kinds that keep running statistics, and so read momentum.
-_RUNNING_KINDS = ("batch_norm", "instance_norm", "batch_renorm", "ghost_batch_norm")
+_RUNNING_KINDS = (
+    "batch_norm",
+    "instance_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "recurrent_batch_norm",
+)
 #: torch's momentum, which create_session sends unless told otherwise.
 DEFAULT_MOMENTUM = 0.1
 
@@ -143,6 +151,8 @@ class SessionInfo:
     renorm: RenormLimits | None = None
     #: ghost batch norm: the size of its virtual batches (0 for the other kinds)
     ghost_batch_size: int = 0
+    #: recurrent batch norm: its time-step slots (0 for the other kinds)
+    time_steps: int = 0
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -299,6 +309,7 @@ def session_info(msg: pb.Session) -> SessionInfo:
         if cfg.HasField("renorm")
         else None,
         ghost_batch_size=cfg.ghost_batch_size,
+        time_steps=cfg.time_steps,
         _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
     )
 
@@ -329,6 +340,7 @@ def create_request(
     has_bias: bool | None = None,
     renorm: RenormLimits | None = None,
     ghost_batch_size: int = 0,
+    time_steps: int = 0,
 ) -> pb.CreateSessionRequest:
     """The request for ``create_session`` (see there). None leaves a field unset: the server
     reads it as torch's default for the kind."""
@@ -339,6 +351,7 @@ def create_request(
         allow_non_finite=allow_non_finite,
         num_groups=num_groups,
         ghost_batch_size=ghost_batch_size,
+        time_steps=time_steps,
     )
     if renorm is not None:
         cfg.renorm.CopyFrom(

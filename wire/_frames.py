@@ -50,13 +50,21 @@ _U64 = 1 << 64
 HANDLED: dict[str, frozenset[str]] = {
     "Tensor": frozenset({"dtype", "shape", "data"}),
     "NormalizeRequest": frozenset(
-        {"session_id", "mode", "input", "statistics_only", "idempotency_key"}
+        {"session_id", "mode", "input", "statistics_only", "idempotency_key", "time_step"}
     ),
     "NormalizeResponse": frozenset(
         {"output", "mean", "var", "version", "batch_statistics", "replayed"}
     ),
     "NormalizeStreamRequest": frozenset(
-        {"session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key"}
+        {
+            "session_id",
+            "mode",
+            "chunk",
+            "end_of_batch",
+            "statistics_only",
+            "idempotency_key",
+            "time_step",
+        }
     ),
     "NormalizeStreamResponse": frozenset(
         {
@@ -199,6 +207,7 @@ class NormalizeFrame:
     end_of_batch: bool = False
     has_tensor: bool = False
     idempotency_key: str = ""
+    time_step: int = 0
     _buf: memoryview | None = None
     _span: tuple[int, int] = (0, 0)
     _name: str = ""
@@ -223,6 +232,7 @@ class _RequestFields:
     statistics_only: int
     end_of_batch: int
     idempotency_key: int
+    time_step: int
 
 
 _REQUEST = _RequestFields(
@@ -233,6 +243,7 @@ _REQUEST = _RequestFields(
     statistics_only=_number(pb.NormalizeRequest, "statistics_only", _VARINT),
     end_of_batch=0,
     idempotency_key=_number(pb.NormalizeRequest, "idempotency_key", _LEN),
+    time_step=_number(pb.NormalizeRequest, "time_step", _VARINT),
 )
 _STREAM_REQUEST = _RequestFields(
     session_id=_number(pb.NormalizeStreamRequest, "session_id", _LEN),
@@ -242,6 +253,7 @@ _STREAM_REQUEST = _RequestFields(
     statistics_only=_number(pb.NormalizeStreamRequest, "statistics_only", _VARINT),
     end_of_batch=_number(pb.NormalizeStreamRequest, "end_of_batch", _VARINT),
     idempotency_key=_number(pb.NormalizeStreamRequest, "idempotency_key", _LEN),
+    time_step=_number(pb.NormalizeStreamRequest, "time_step", _VARINT),
 )
 
 
@@ -271,6 +283,8 @@ def _frame(raw: bytes, f: _RequestFields) -> NormalizeFrame:
                 frame.statistics_only = bool(value)
             elif number == end_n:
                 frame.end_of_batch = bool(value)
+            elif number == f.time_step:
+                frame.time_step = _signed(value)
     if len(spans) == 1:
         frame._buf, frame._span = buf, spans[0]
     elif spans:
@@ -426,6 +440,7 @@ _K_RQ_MODE = _key(_RQ, "mode", _VARINT)
 _K_RQ_INPUT = _key(_RQ, "input", _LEN)
 _K_RQ_STATISTICS_ONLY = _key(_RQ, "statistics_only", _VARINT)
 _K_RQ_IDEMPOTENCY_KEY = _key(_RQ, "idempotency_key", _LEN)
+_K_RQ_TIME_STEP = _key(_RQ, "time_step", _VARINT)
 
 
 def encode_normalize_request(
@@ -434,11 +449,13 @@ def encode_normalize_request(
     tensor: torch.Tensor,
     statistics_only: bool,
     idempotency_key: str = "",
+    time_step: int = 0,
 ) -> bytes:
     parts = [_string(_K_RQ_SESSION_ID, session_id), _scalar(_K_RQ_MODE, mode)]
     parts += _tensor_parts(_K_RQ_INPUT, tensor)
     parts.append(_scalar(_K_RQ_STATISTICS_ONLY, int(statistics_only)))
     parts.append(_string(_K_RQ_IDEMPOTENCY_KEY, idempotency_key))
+    parts.append(_scalar(_K_RQ_TIME_STEP, time_step))
     return b"".join(parts)
 
 
@@ -449,6 +466,7 @@ _K_SQ_CHUNK = _key(_SQ, "chunk", _LEN)
 _K_SQ_END_OF_BATCH = _key(_SQ, "end_of_batch", _VARINT)
 _K_SQ_STATISTICS_ONLY = _key(_SQ, "statistics_only", _VARINT)
 _K_SQ_IDEMPOTENCY_KEY = _key(_SQ, "idempotency_key", _LEN)
+_K_SQ_TIME_STEP = _key(_SQ, "time_step", _VARINT)
 
 
 def encode_stream_request(
@@ -458,6 +476,7 @@ def encode_stream_request(
     end_of_batch: bool,
     statistics_only: bool,
     idempotency_key: str = "",
+    time_step: int = 0,
 ) -> bytes:
     parts = [_string(_K_SQ_SESSION_ID, session_id), _scalar(_K_SQ_MODE, mode)]
     if tensor is not None:
@@ -466,6 +485,7 @@ def encode_stream_request(
         _scalar(_K_SQ_END_OF_BATCH, int(end_of_batch)),
         _scalar(_K_SQ_STATISTICS_ONLY, int(statistics_only)),
         _string(_K_SQ_IDEMPOTENCY_KEY, idempotency_key),
+        _scalar(_K_SQ_TIME_STEP, time_step),
     ]
     return b"".join(parts)
 

@@ -32,6 +32,7 @@ _KINDS_OUT = {
     Kind.RMS_NORM: pb.NORM_KIND_RMS_NORM,
     Kind.BATCH_RENORM: pb.NORM_KIND_BATCH_RENORM,
     Kind.GHOST_BATCH_NORM: pb.NORM_KIND_GHOST_BATCH_NORM,
+    Kind.RECURRENT_BATCH_NORM: pb.NORM_KIND_RECURRENT_BATCH_NORM,
 }
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM} | {v: k for k, v in _KINDS_OUT.items()}
 _IMPLEMENTED = ", ".join(pb.NormKind.Name(v) for v in _KINDS_OUT.values())
@@ -77,6 +78,7 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         normalized_shape=tuple(msg.normalized_shape),
         num_groups=msg.num_groups,
         ghost_batch_size=msg.ghost_batch_size,
+        time_steps=msg.time_steps,
         **given,
         **_renorm(msg),
     )
@@ -131,6 +133,7 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     msg.normalized_shape.extend(cfg.normalized_shape)
     msg.num_groups = cfg.num_groups
     msg.ghost_batch_size = cfg.ghost_batch_size
+    msg.time_steps = cfg.time_steps
     if cfg.rmax is not None and cfg.dmax is not None:
         msg.renorm.CopyFrom(
             pb.BatchRenormConfig(
@@ -201,6 +204,7 @@ def normalize_call(raw: bytes) -> NormalizeCall:
         req.statistics_only,
         len(raw),
         req.idempotency_key,
+        req.time_step,
     )
 
 
@@ -226,6 +230,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[C
             req.tensor if req.has_tensor else None,
             mode,
             req.idempotency_key,
+            req.time_step,
         )
         yield chunk, len(raw)
 

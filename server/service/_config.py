@@ -54,6 +54,7 @@ class Kind(enum.Enum):
     RMS_NORM = "rms_norm"
     BATCH_RENORM = "batch_renorm"
     GHOST_BATCH_NORM = "ghost_batch_norm"
+    RECURRENT_BATCH_NORM = "recurrent_batch_norm"
 
     @property
     def title(self) -> str:
@@ -68,6 +69,7 @@ class Kind(enum.Enum):
             Kind.INSTANCE_NORM,
             Kind.BATCH_RENORM,
             Kind.GHOST_BATCH_NORM,
+            Kind.RECURRENT_BATCH_NORM,
         )
 
     @property
@@ -86,6 +88,7 @@ KIND_DEFAULTS: dict[Kind, dict[str, object]] = {
     Kind.RMS_NORM: {"momentum": None, "track_running_stats": False, "eps": None},
     Kind.BATCH_RENORM: {"rmax": 3.0, "dmax": 5.0},
     Kind.GHOST_BATCH_NORM: {},
+    Kind.RECURRENT_BATCH_NORM: {},
 }
 
 #: The most dims a normalized_shape may have (torch's tensors have at most a few dozen).
@@ -130,6 +133,8 @@ class SessionConfig:
     dmax_warmup_steps: int = 0
     #: ghost batch norm: the size of its virtual batches (0 for the other kinds)
     ghost_batch_size: int = 0
+    #: recurrent batch norm: its time-step slots (0 for the other kinds)
+    time_steps: int = 0
 
     def __post_init__(self) -> None:
         # a config read back from JSON carries a list; and layer and RMS norm may leave
@@ -179,6 +184,13 @@ class SessionConfig:
                 "config.num_features",
                 f"must be between 1 and {max_features} (this server's --max-features), "
                 f"got {self.num_features}",
+            )
+        if self.time_steps * self.num_features > max_features:
+            # [T, C] running statistics are read and exported in one message, like [C] ones
+            raise InvalidArgument(
+                "config.time_steps",
+                f"time_steps x num_features must be at most {max_features} (this server's "
+                f"--max-features), got {self.time_steps} x {self.num_features}",
             )
         if self.eps is None:
             if self.kind is not Kind.RMS_NORM:
@@ -248,6 +260,22 @@ class SessionConfig:
         elif self.ghost_batch_size:
             raise InvalidArgument(
                 "config.ghost_batch_size", f"only ghost batch norm reads it, not {name}"
+            )
+        if kind is Kind.RECURRENT_BATCH_NORM:
+            if self.time_steps <= 0:
+                raise InvalidArgument(
+                    "config.time_steps",
+                    f"recurrent batch norm needs time_steps > 0, got {self.time_steps}",
+                )
+            if self.momentum is None and self.track_running_stats:
+                raise InvalidArgument(
+                    "config.momentum",
+                    "recurrent batch norm keeps one num_batches_tracked for all its slots, so no "
+                    "cumulative average per slot; give a momentum",
+                )
+        elif self.time_steps:
+            raise InvalidArgument(
+                "config.time_steps", f"only recurrent batch norm reads it, not {name}"
             )
 
     def _validate_renorm(self) -> None:

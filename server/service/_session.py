@@ -391,15 +391,16 @@ class Session:
         statistics_only: bool = False,
         blocking: bool = True,
         idempotency_key: str = "",
+        time_step: int = 0,
     ) -> NormalizeResult:
         """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first, once
         per idempotency key. Without ``blocking``, raises Busy rather than wait for another
         update of the session."""
         t0 = time.perf_counter()
         self.check_input(x)
+        kind = self.kind.at(time_step)
         if x.device != self.device:
             x = x.to(self.device)
-        kind = self.kind
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):
@@ -435,12 +436,16 @@ class Session:
         return Idempotency(key, fingerprint(mode.value, str(x.dtype)[6:], shape, statistics_only))
 
     def start_batch(
-        self, mode: Mode, statistics_only: bool = False, idempotency_key: str = ""
+        self,
+        mode: Mode,
+        statistics_only: bool = False,
+        idempotency_key: str = "",
+        time_step: int = 0,
     ) -> ChunkedBatch:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
-        return ChunkedBatch(self, mode, statistics_only, idempotency_key)
+        return ChunkedBatch(self, mode, statistics_only, idempotency_key, time_step)
 
     def reset(self) -> tuple[SessionState, Ticket]:
         """Kept statistics back to their initial values, 0 batches (weight and bias stay)."""

@@ -141,6 +141,8 @@ class Chunk:
     tensor: Callable[[], torch.Tensor] | None
     to_mode: Callable[[int], Mode]
     idempotency_key: str = ""
+    #: recurrent batch norm: the batch's time step (read on its first chunk)
+    time_step: int = 0
 
 
 #: Makes one answer message: (batch index, an output chunk or None, whether it ends the batch,
@@ -186,7 +188,9 @@ async def serve_stream(
                 session = service.sessions.get(req.session_id)
                 mode = req.to_mode(req.mode)
                 service.stages.label(session.config.kind.value, mode.value)
-                batch = session.start_batch(mode, req.statistics_only, req.idempotency_key)
+                batch = session.start_batch(
+                    mode, req.statistics_only, req.idempotency_key, req.time_step
+                )
                 decode = encode_s = 0.0
                 elements = sent = 0
             else:

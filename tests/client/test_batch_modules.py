@@ -23,6 +23,7 @@ from normserve.client import (
     RemoteGhostBatchNorm1d,
     RemoteGhostBatchNorm2d,
     RemoteGhostBatchNorm3d,
+    RemoteRecurrentBatchNorm1d,
 )
 from normserve.server import Server
 from tests.grpc._util import serving
@@ -180,3 +181,68 @@ def test_attaching_checks_the_kinds_fields(client: Client) -> None:
     copy = pickle.loads(pickle.dumps(a))
     assert (copy.ghost_batch_size, copy.session_id) == (4, a.session_id)
     a.delete_session()
+
+
+class RecurrentReference(nn.Module):
+    """T torch.nn.BatchNorm1d modules sharing one weight and bias (Cooijmans et al. 2016)."""
+
+    def __init__(self, c: int, steps: int, eps: float, momentum: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.steps = nn.ModuleList(
+            nn.BatchNorm1d(c, eps, momentum, affine=False) for _ in range(steps)
+        )
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        y = self.steps[min(t, len(self.steps) - 1)](x)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    channels=st.integers(1, 4),
+    length=st.sampled_from([[], [3]]),
+    steps=st.integers(1, 3),
+    momentum=st.sampled_from([0.1, 0.5]),
+    calls=st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_recurrent_batch_norm_matches_a_batch_norm1d_per_step(
+    client: Client,
+    channels: int,
+    length: list[int],
+    steps: int,
+    momentum: float,
+    calls: list[tuple[int, bool]],
+    seed: int,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    remote = RemoteRecurrentBatchNorm1d(channels, steps, 1e-5, momentum, client=client)
+    ref = RecurrentReference(channels, steps, 1e-5, momentum)
+    with torch.no_grad():
+        for p, q in zip(remote.parameters(), ref.parameters(), strict=True):
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            q.copy_(p)
+    for t, train in calls:
+        remote.train(train)
+        ref.train(train)
+        x = torch.randn([6, channels, *length], generator=g) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = remote(xa, t), ref(xb, t)
+        torch.testing.assert_close(ya, yb, **TOL)
+        dy = torch.randn(ya.shape, generator=g)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+        for p, q in zip(remote.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+            p.grad = q.grad = None
+    state = remote.state_dict()
+    assert state["running_mean"].shape == (steps, channels)
+    for key in ("running_mean", "running_var"):
+        want = torch.stack([getattr(m, key) for m in ref.steps])
+        torch.testing.assert_close(state[key], want, **TOL)
+    assert int(state["num_batches_tracked"]) == sum(1 for _, train in calls if train)
+    remote.delete_session()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normserve.client import Client, RenormLimits
+from normserve.client import Client, InvalidArgumentError, RenormLimits
 from normserve.server import Server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
@@ -350,3 +350,155 @@ def test_a_virtual_batch_of_one_value_per_channel_is_refused_and_changes_nothing
         stub.Normalize(request)
     info = client.get_session(sid)
     assert info.version == created.version and info.num_batches_tracked == 0
+
+
+# ---- recurrent batch norm: T torch BatchNorm modules, one per slot
+
+
+@st.composite
+def recurrent_scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    channels = draw(st.integers(1, 5))
+    spatial = draw(st.lists(st.integers(1, 4), max_size=2))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    steps = draw(st.integers(1, 4))
+    calls = []
+    for _ in range(draw(st.integers(1, 8))):
+        mode = draw(st.sampled_from(["train", "train", "eval"]))
+        t = draw(st.integers(0, steps + 2))  # past T: the last slot
+        x = torch.randn([draw(st.integers(2, 9)), channels, *spatial], generator=g) * 2 + 1
+        calls.append((mode, t, x))
+    return {
+        "channels": channels,
+        "steps": steps,
+        "eps": draw(st.sampled_from([1e-5, 1e-3])),
+        "momentum": draw(st.sampled_from([0.1, 0.7])),
+        "track": draw(st.booleans()),
+        "weight": torch.rand(channels, generator=g) + 0.5,
+        "bias": torch.randn(channels, generator=g),
+        "calls": calls,
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(sc=recurrent_scenarios())
+def test_recurrent_batch_norm_matches_a_batch_norm_per_step(
+    client: Client, streaming: Client, sc: dict[str, Any]
+) -> None:
+    c, steps = sc["channels"], sc["steps"]
+    for cl in (client, streaming):
+        refs = [
+            torch.nn.BatchNorm1d(
+                c, sc["eps"], sc["momentum"], track_running_stats=sc["track"]
+            ).double()
+            for _ in range(steps)
+        ]
+        for m in refs:
+            with torch.no_grad():
+                m.weight.copy_(sc["weight"])
+                m.bias.copy_(sc["bias"])
+        sid = cl.create_session(
+            c,
+            kind="recurrent_batch_norm",
+            time_steps=steps,
+            eps=sc["eps"],
+            momentum=sc["momentum"],
+            track_running_stats=sc["track"],
+            weight=sc["weight"],
+            bias=sc["bias"],
+        ).session_id
+        for mode, t, x in sc["calls"]:
+            ref = refs[min(t, steps - 1)]
+            ref.train(mode == "train")
+            x64 = x.double()
+            if x.dim() == 4:  # BatchNorm1d's kernel takes any [N, C, *]; flatten the spatial dims
+                x64 = x64.flatten(2)
+            with torch.no_grad():
+                expected = ref(x64).reshape(x.shape)
+            got = cl.normalize(sid, x, mode=mode, time_step=t)  # type: ignore[arg-type]
+            torch.testing.assert_close(got.output.double(), expected, **TOL)
+        state = cl.export_state(sid)
+        if sc["track"]:
+            for key in ("running_mean", "running_var"):
+                want = torch.stack([getattr(m, key) for m in refs])
+                torch.testing.assert_close(state[key].double(), want, **TOL)
+            trained = sum(1 for mode, _, _ in sc["calls"] if mode == "train")
+            assert int(state["num_batches_tracked"]) == trained
+        else:
+            assert list(state) == ["weight", "bias"]
+
+
+def test_recurrent_state_is_t_by_c_and_imports_back(client: Client) -> None:
+    info = client.create_session(3, kind="recurrent_batch_norm", time_steps=4)
+    assert (info.kind, info.time_steps, info.momentum) == ("recurrent_batch_norm", 4, 0.1)
+    state = client.export_state(info.session_id)
+    assert state["running_mean"].shape == (4, 3) and state["running_var"].shape == (4, 3)
+    state["running_mean"] = torch.arange(12.0).reshape(4, 3)
+    client.import_state(info.session_id, state)
+    x = torch.randn(5, 3)
+    got = client.normalize(info.session_id, x, mode="eval", time_step=9)  # slot 3
+    torch.testing.assert_close(got.mean, torch.tensor([9.0, 10.0, 11.0]))
+    with pytest.raises(InvalidArgumentError) as err:
+        client.import_state(info.session_id, {"running_mean": torch.zeros(3)}, strict=False)
+    assert "expected shape [4, 3], got [3]" in str(err.value)
+
+
+RECURRENT_CONFIG_ERRORS = [
+    (
+        pb.SessionConfig(kind=pb.NORM_KIND_RECURRENT_BATCH_NORM, num_features=2),
+        "config.time_steps: recurrent batch norm needs time_steps > 0, got 0",
+    ),
+    (
+        pb.SessionConfig(kind=pb.NORM_KIND_RECURRENT_BATCH_NORM, num_features=2, time_steps=2),
+        "config.momentum: recurrent batch norm keeps one num_batches_tracked for all its slots, "
+        "so no cumulative average per slot; give a momentum",
+    ),
+    (
+        pb.SessionConfig(kind=BATCH, num_features=2, time_steps=3),
+        "config.time_steps: only recurrent batch norm reads it, not batch norm",
+    ),
+    (
+        pb.SessionConfig(
+            kind=pb.NORM_KIND_RECURRENT_BATCH_NORM,
+            num_features=2,
+            time_steps=1 << 40,
+            momentum=0.1,
+        ),
+        "config.time_steps: time_steps x num_features must be at most 1048320 (this server's "
+        "--max-features), got 1099511627776 x 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), RECURRENT_CONFIG_ERRORS)
+def test_recurrent_config_errors(
+    stub: pb_grpc.NormalizerStub, config: pb.SessionConfig, message: str
+) -> None:
+    with expect_status(INVALID, message):
+        stub.CreateSession(pb.CreateSessionRequest(config=config))
+
+
+def test_time_step_errors_change_nothing(
+    stub: pb_grpc.NormalizerStub, client: Client, streaming: Client
+) -> None:
+    rec = client.create_session(2, kind="recurrent_batch_norm", time_steps=2)
+    bn = client.create_session(2)
+    x = tensor(torch.randn(4, 2))
+    for sid, step, message in [
+        (rec.session_id, -1, "time_step: must be >= 0, got -1"),
+        (
+            bn.session_id,
+            1,
+            "time_step: only recurrent batch norm reads it, not batch norm; leave it 0, got 1",
+        ),
+    ]:
+        with expect_status(INVALID, message):
+            stub.Normalize(
+                pb.NormalizeRequest(session_id=sid, mode=pb.MODE_TRAIN, input=x, time_step=step)
+            )
+        request = pb.NormalizeStreamRequest(
+            session_id=sid, mode=pb.MODE_TRAIN, chunk=x, end_of_batch=True, time_step=step
+        )
+        with expect_status(INVALID, message):
+            list(stub.NormalizeStream(iter([request])))
+    assert client.get_session(rec.session_id).version == rec.version
+    assert client.get_session(bn.session_id).version == bn.version

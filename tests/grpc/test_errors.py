@@ -188,7 +188,8 @@ def test_float16_data_length_counts_two_bytes(stub: pb_grpc.NormalizerStub, sid:
             INVALID,
             "config.kind: unsupported kind 99; this server implements NORM_KIND_BATCH_NORM, "
             "NORM_KIND_LAYER_NORM, NORM_KIND_GROUP_NORM, NORM_KIND_INSTANCE_NORM, "
-            "NORM_KIND_RMS_NORM, NORM_KIND_BATCH_RENORM, NORM_KIND_GHOST_BATCH_NORM",
+            "NORM_KIND_RMS_NORM, NORM_KIND_BATCH_RENORM, NORM_KIND_GHOST_BATCH_NORM, "
+            "NORM_KIND_RECURRENT_BATCH_NORM",
         ),
         (
             pb.SessionConfig(num_features=3, device="gpu0"),

@@ -10,6 +10,7 @@ from normserve.server.service.kinds._ghost_batch_norm import GhostBatchNorm
 from normserve.server.service.kinds._group_norm import GroupNorm
 from normserve.server.service.kinds._instance_norm import InstanceNorm
 from normserve.server.service.kinds._layer_norm import LayerNorm, RMSNorm
+from normserve.server.service.kinds._recurrent_batch_norm import RecurrentBatchNorm
 
 __all__ = [
     "KINDS",
@@ -21,6 +22,7 @@ __all__ = [
     "LayerNorm",
     "Normalization",
     "RMSNorm",
+    "RecurrentBatchNorm",
     "Step",
     "for_config",
 ]
@@ -33,6 +35,7 @@ KINDS: dict[Kind, type[Normalization]] = {
     Kind.RMS_NORM: RMSNorm,
     Kind.BATCH_RENORM: BatchRenorm,
     Kind.GHOST_BATCH_NORM: GhostBatchNorm,
+    Kind.RECURRENT_BATCH_NORM: RecurrentBatchNorm,
 }
 
 

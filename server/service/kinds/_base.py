@@ -102,6 +102,17 @@ class Normalization(ABC):
                 f"expected float32, float16, bfloat16 or float64, got {str(x.dtype)[6:]}",
             )
 
+    def at(self, time_step: int) -> Normalization:
+        """The kind as a batch of ``time_step`` sees it: itself, for every kind but recurrent
+        batch norm (which keeps a slot per step); a time step it does not read is refused."""
+        if time_step:
+            raise InvalidArgument(
+                "time_step",
+                f"only recurrent batch norm reads it, not {self.config.kind.title}; "
+                f"leave it 0, got {time_step}",
+            )
+        return self
+
     @abstractmethod
     def state_keys(self) -> list[str]:
         """torch's state_dict keys for this config, in torch's order."""
