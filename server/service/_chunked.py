@@ -33,6 +33,7 @@ class ChunkedBatch:
         self.session = session
         #: the kind as this batch's time step sees it (recurrent batch norm: one slot)
         self.kind = session.kind.at(time_step)
+        self.time_step = time_step
         self.mode = mode
         self.statistics_only = statistics_only
         self.idempotency_key = idempotency_key
@@ -118,7 +119,7 @@ class ChunkedBatch:
 
     def header(self) -> NormalizeResult:
         """The statistics and version a pipelined batch is normalized with (known at its start)."""
-        st = self._state
+        st = self.kind.view(self._state)
         assert st.running_mean is not None and st.running_var is not None
         return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
 
@@ -127,7 +128,7 @@ class ChunkedBatch:
             return None
         probe = torch.empty([0, *shape[1:]], dtype=dtype)
         return self.session.idempotency(
-            self.idempotency_key, self.mode, probe, self.statistics_only, shape[0]
+            self.idempotency_key, self.mode, probe, self.statistics_only, shape[0], self.time_step
         )
 
     def finish(self) -> tuple[NormalizeResult, int]:
@@ -142,7 +143,7 @@ class ChunkedBatch:
         shape = [self._rows, *first[1]]
         empty = self._partial is None  # no values at all: an empty batch, as torch allows
         if not self._batch_stats:
-            st = self._state
+            st = self.kind.view(self._state)
             assert st.running_mean is not None and st.running_var is not None
             result = NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
             s.touch()

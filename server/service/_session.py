@@ -404,7 +404,7 @@ class Session:
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):
-            idem = self.idempotency(idempotency_key, mode, x, statistics_only)
+            idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
             step, version, waited, ticket, replayed = self.update(
                 lambda s, n: kind.forward(x, s, mode, statistics_only, n),
                 "input",
@@ -423,17 +423,25 @@ class Session:
 
     @staticmethod
     def idempotency(
-        key: str, mode: Mode, x: torch.Tensor | None, statistics_only: bool, rows: int = -1
+        key: str,
+        mode: Mode,
+        x: torch.Tensor | None,
+        statistics_only: bool,
+        rows: int = -1,
+        time_step: int = 0,
     ) -> Idempotency | None:
         """An update's idempotency (None without a key); the fingerprint names what the request
-        asked (mode, dtype, shape), so a key reused for another request is told apart."""
+        asked (mode, with a recurrent batch's time step; dtype, shape), so a key reused for
+        another request is told apart."""
         if not key:
             return None
         check_idempotency_key(key)
+        # "train@3": only a nonzero step shows, so every other fingerprint stays as it was
+        what = f"{mode.value}@{time_step}" if time_step else mode.value
         if x is None:
-            return Idempotency(key, f"{mode.value}:stream:{int(statistics_only)}")
+            return Idempotency(key, f"{what}:stream:{int(statistics_only)}")
         shape = [rows if rows >= 0 else x.shape[0], *x.shape[1:]]
-        return Idempotency(key, fingerprint(mode.value, str(x.dtype)[6:], shape, statistics_only))
+        return Idempotency(key, fingerprint(what, str(x.dtype)[6:], shape, statistics_only))
 
     def start_batch(
         self,

@@ -41,7 +41,7 @@ def client(server: Server) -> Iterator[Client]:
 @pytest.fixture(scope="module")
 def streaming(server: Server) -> Iterator[Client]:
     """Every batch streamed a few rows per chunk (chunks need not align with virtual batches)."""
-    with Client(server.address, timeout=30, chunk_bytes=96) as c:
+    with Client(server.address, timeout=30, chunk_bytes=16) as c:
         yield c
 
 
@@ -416,6 +416,9 @@ def test_recurrent_batch_norm_matches_a_batch_norm_per_step(
                 expected = ref(x64).reshape(x.shape)
             got = cl.normalize(sid, x, mode=mode, time_step=t)  # type: ignore[arg-type]
             torch.testing.assert_close(got.output.double(), expected, **TOL)
+            if mode == "eval" and sc["track"]:  # the slot's running statistics, [C]
+                torch.testing.assert_close(got.mean.double(), ref.running_mean, **TOL)
+                torch.testing.assert_close(got.var.double(), ref.running_var, **TOL)
         state = cl.export_state(sid)
         if sc["track"]:
             for key in ("running_mean", "running_var"):
@@ -502,3 +505,51 @@ def test_time_step_errors_change_nothing(
             list(stub.NormalizeStream(iter([request])))
     assert client.get_session(rec.session_id).version == rec.version
     assert client.get_session(bn.session_id).version == bn.version
+
+
+def test_sessions_of_these_kinds_survive_a_restart_with_a_durable_store(tmp_path: Any) -> None:
+    """Their fields and state (renorm's schedule lives in num_batches_tracked; recurrent's [T, C]
+    statistics) come back from the local durable store, and training goes on from them."""
+    sessions: list[dict[str, Any]] = [
+        {"kind": "batch_renorm", "renorm": RenormLimits(2.0, 1.0, 5, 3)},
+        {"kind": "ghost_batch_norm", "ghost_batch_size": 4},
+        {"kind": "recurrent_batch_norm", "time_steps": 3},
+    ]
+    g = torch.Generator().manual_seed(4)
+    saved = []
+    with serving(state_dir=str(tmp_path), durability="strict") as srv, Client(srv.address) as c:
+        for options in sessions:
+            sid = c.create_session(3, **options).session_id
+            step = 1 if options["kind"] == "recurrent_batch_norm" else 0
+            for _ in range(2):
+                c.normalize(sid, torch.randn(7, 3, generator=g) * 2 + 1, time_step=step)
+            saved.append((sid, c.get_session(sid), c.export_state(sid)))
+    x = torch.randn(7, 3, generator=g)
+    with serving(state_dir=str(tmp_path), durability="strict") as srv, Client(srv.address) as c:
+        for options, (sid, info, state) in zip(sessions, saved, strict=True):
+            again = c.get_session(sid)
+            fields = ("kind", "renorm", "ghost_batch_size", "time_steps", "version")
+            assert [getattr(again, f) for f in fields] == [getattr(info, f) for f in fields]
+            for key, value in c.export_state(sid).items():
+                assert torch.equal(value, state[key]), key
+            # the next TRAIN batch goes on from the restored state, as from an imported copy
+            copy = c.create_session(3, **options).session_id
+            c.import_state(copy, state)
+            step = 1 if info.time_steps else 0
+            torch.testing.assert_close(
+                c.normalize(sid, x, time_step=step).output,
+                c.normalize(copy, x, time_step=step).output,
+            )
+
+
+def test_an_idempotency_key_is_tied_to_its_time_step(client: Client, streaming: Client) -> None:
+    sid = client.create_session(2, kind="recurrent_batch_norm", time_steps=3).session_id
+    x = torch.randn(4, 2)
+    for c in (client, streaming):
+        key = f"key-{id(c)}"
+        first = c.normalize(sid, x, idempotency_key=key, time_step=1)
+        again = c.normalize(sid, x, idempotency_key=key, time_step=1)
+        assert again.replayed and again.version == first.version
+        with pytest.raises(InvalidArgumentError) as err:
+            c.normalize(sid, x, idempotency_key=key, time_step=2)
+        assert "was applied to another request" in str(err.value)

@@ -113,6 +113,11 @@ class Normalization(ABC):
             )
         return self
 
+    def view(self, state: SessionState) -> SessionState:
+        """The state as this kind's batches see it (recurrent batch norm's slot: one row of its
+        running statistics); what a batch without statistics of its own is answered with."""
+        return state
+
     @abstractmethod
     def state_keys(self) -> list[str]:
         """torch's state_dict keys for this config, in torch's order."""

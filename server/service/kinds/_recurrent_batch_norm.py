@@ -57,7 +57,7 @@ class _Slot(RecurrentBatchNorm):
     def at(self, time_step: int) -> Normalization:  # pragma: no cover - sessions call the kind's
         raise AssertionError("a slot is already one time step's")
 
-    def _view(self, state: SessionState) -> SessionState:
+    def view(self, state: SessionState) -> SessionState:
         if state.running_mean is None or state.running_var is None:
             return state
         return replace(
@@ -79,13 +79,13 @@ class _Slot(RecurrentBatchNorm):
     def forward(
         self, x: torch.Tensor, state: SessionState, mode: Mode, statistics_only: bool, n: int
     ) -> Step:
-        return self._embed(state, super().forward(x, self._view(state), mode, statistics_only, n))
+        return self._embed(state, super().forward(x, self.view(state), mode, statistics_only, n))
 
     def finish(
         self, partial: Any, shape: list[int], state: SessionState, mode: Mode, n: int
     ) -> tuple[Step, Any]:
-        step, prepared = super().finish(partial, shape, self._view(state), mode, n)
+        step, prepared = super().finish(partial, shape, self.view(state), mode, n)
         return self._embed(state, step), prepared
 
     def normalize_chunk(self, x: torch.Tensor, prepared: Any, state: SessionState) -> torch.Tensor:
-        return super().normalize_chunk(x, prepared, self._view(state))
+        return super().normalize_chunk(x, prepared, self.view(state))
