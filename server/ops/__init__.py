@@ -25,7 +25,7 @@ from normserve.server.ops._instancenorm import (
     update_running_instances,
 )
 from normserve.server.ops._layernorm import layer_norm, layer_norm_moments, work_dtype
-from normserve.server.ops._renorm import renorm_factors, renorm_statistics
+from normserve.server.ops._renorm import renorm_apply, renorm_factors, renorm_statistics
 from normserve.server.ops._rmsnorm import mean_square, rms_eps, rms_norm
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "normalize",
     "normalize_batch",
     "reduce_dims",
+    "renorm_apply",
     "renorm_factors",
     "renorm_statistics",
     "rms_eps",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["renorm_factors", "renorm_statistics"]
+from normserve.server.ops._batchnorm import Moments, normalize_batch
+
+__all__ = ["renorm_apply", "renorm_factors", "renorm_statistics"]
 
 
 def renorm_factors(
@@ -37,3 +39,32 @@ def renorm_statistics(
     mean_b, var_b = mean_b.double(), var_b.double()
     scale = (var_b + eps).sqrt() / r  # sigma_B / r
     return mean_b - d * scale, (scale.square() - eps).clamp_min(0.0)
+
+
+def renorm_apply(
+    x: torch.Tensor,
+    m: Moments,
+    shift: torch.Tensor | None,
+    r: torch.Tensor,
+    d: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The paper's output, ``((x - mu_B) / sigma_B * r + d) * weight + bias``, in x's dtype:
+    x_hat_B as batch norm computes it from the batch's moments ``m`` (``normalize_batch``, around
+    ``shift``), then one per-channel scale and offset folded in float64. More accurate than
+    normalizing with the effective statistics, whose mean cancels against x when d is large."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    x_hat = normalize_batch(work, m, None, None, eps, shift)
+    scale, offset = r, d
+    if weight is not None:
+        w = weight.double()
+        scale, offset = r * w, d * w
+    if bias is not None:
+        offset = offset + bias.double()
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = torch.addcmul(
+        offset.to(x_hat.dtype).view(shape), x_hat, scale.to(x_hat.dtype).view(shape)
+    )
+    return out if out.dtype == x.dtype else out.to(x.dtype)

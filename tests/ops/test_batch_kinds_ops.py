@@ -39,6 +39,12 @@ def test_renorm_statistics_turn_normalize_into_the_papers_formula(
     paper = (x64 - mu.view(1, -1, 1)) / sigma_b.view(1, -1, 1) * r.view(1, -1, 1) + d.view(1, -1, 1)
     got = ops.normalize(x, mean.float(), v.float(), None, None, eps)
     torch.testing.assert_close(got.double(), paper, **TOL)
+    # and the output as the kind computes it, with an affine
+    w, b = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    out = ops.renorm_apply(x, m, ops.batch_shift(m), r, d, w, b, eps)
+    assert out.dtype == x.dtype
+    affine = paper * w.double().view(1, -1, 1) + b.double().view(1, -1, 1)
+    torch.testing.assert_close(out.double(), affine, **TOL)
 
 
 @settings(max_examples=100, deadline=None)

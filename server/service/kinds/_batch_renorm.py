@@ -18,29 +18,30 @@ __all__ = ["BatchRenorm"]
 
 
 class _Renormed:
-    """What a streamed TRAIN batch's chunks are normalized with: the effective statistics."""
+    """What a TRAIN batch is normalized with: its moments (and pivot), r and d."""
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        self.mean, self.var = mean, var
+    def __init__(self, m: ops.Moments, r: torch.Tensor, d: torch.Tensor) -> None:
+        self.m, self.shift, self.r, self.d = m, ops.batch_shift(m), r, d
 
 
 class BatchRenorm(BatchNorm):
-    """Batch norm's state and EVAL; TRAIN normalizes with the statistics that make the paper's
-    ``(x - mu_B) / sigma_B * r + d`` (``ops.renorm_statistics``) and updates the running
-    statistics as batch norm does. The config always tracks running statistics."""
+    """Batch norm's state and EVAL; TRAIN outputs the paper's ``(x - mu_B) / sigma_B * r + d``
+    (``ops.renorm_apply``), answers the statistics that make it ``(x - mean) / sqrt(var + eps)``
+    (``ops.renorm_statistics``), and updates the running statistics as batch norm does. The
+    config always tracks running statistics."""
 
-    def _effective(
+    def _renormed(
         self, m: ops.Moments, state: SessionState, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[_Renormed, torch.Tensor, torch.Tensor]:
         rm, rv = state.running_mean, state.running_var
         assert rm is not None and rv is not None
         rmax, dmax = self.config.renorm_limits(n)
         r, d = ops.renorm_factors(m.mean, m.var, rm, rv, self.eps, rmax, dmax)
-        return ops.renorm_statistics(m.mean, m.var, r, d, self.eps)
+        mean, var = ops.renorm_statistics(m.mean, m.var, r, d, self.eps)
+        return _Renormed(m, r, d), mean.float(), var.float()
 
-    def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, state: Any) -> Any:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return ops.normalize(x, mean.to(dtype), var.to(dtype), state.weight, state.bias, self.eps)
+    def _apply(self, x: torch.Tensor, p: _Renormed, state: SessionState) -> torch.Tensor:
+        return ops.renorm_apply(x, p.m, p.shift, p.r, p.d, state.weight, state.bias, self.eps)
 
     def forward(
         self, x: torch.Tensor, state: SessionState, mode: Mode, statistics_only: bool, n: int
@@ -50,10 +51,10 @@ class BatchRenorm(BatchNorm):
             return super().forward(x, state, mode, statistics_only, n)
         self._check_count(count, "input", x.shape)
         m = ops.moments(x)
-        mean, var = self._effective(m, state, n)
-        out = None if statistics_only else self._normalize(x, mean, var, state)
+        prepared, mean, var = self._renormed(m, state, n)
+        out = None if statistics_only else self._apply(x, prepared, state)
         running = self._running(state, m.mean, m.var, count, n)
-        return Step(out, mean.float(), var.float(), running)
+        return Step(out, mean, var, running)
 
     def finish(
         self, partial: Any, shape: list[int], state: SessionState, mode: Mode, n: int
@@ -61,10 +62,12 @@ class BatchRenorm(BatchNorm):
         step, prepared = super().finish(partial, shape, state, mode, n)
         if prepared is None or not self.updates_running(mode):
             return step, prepared
-        mean, var = self._effective(prepared[0], state, n)
-        return Step(None, mean.float(), var.float(), step.running), _Renormed(mean, var)
+        renormed, mean, var = self._renormed(prepared[0], state, n)
+        return Step(None, mean, var, step.running), renormed
 
     def normalize_chunk(self, x: torch.Tensor, prepared: Any, state: SessionState) -> torch.Tensor:
         if isinstance(prepared, _Renormed):
-            return self._normalize(x, prepared.mean, prepared.var, state)
+            if x.numel() == 0:
+                return torch.empty_like(x)
+            return self._apply(x, prepared, state)
         return super().normalize_chunk(x, prepared, state)
