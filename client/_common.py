@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
@@ -188,7 +188,11 @@ class SessionInfo:
         for key, value in self.__dict__.items():
             if key.startswith("_"):
                 continue
-            out[key] = value.isoformat() if isinstance(value, dt.datetime) else value
+            if isinstance(value, dt.datetime):
+                value = value.isoformat()
+            elif isinstance(value, RenormLimits):
+                value = asdict(value)
+            out[key] = value
         for name in _TENSOR_FIELDS:
             msg = self._wire.get(name)
             out[name] = None if msg is None else tensor_values(msg)

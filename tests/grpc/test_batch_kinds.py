@@ -5,6 +5,7 @@ validation error with its exact message."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -553,3 +554,26 @@ def test_an_idempotency_key_is_tied_to_its_time_step(client: Client, streaming: 
         with pytest.raises(InvalidArgumentError) as err:
             c.normalize(sid, x, idempotency_key=key, time_step=2)
         assert "was applied to another request" in str(err.value)
+
+
+def test_the_cli_creates_and_shows_these_kinds(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normserve.client._cli import main
+
+    remote = ["--target", server.address]
+    for flags, shown in [
+        (
+            ["--kind", "batch_renorm", "--rmax", "2", "--dmax-warmup-steps", "10"],
+            "renorm       rmax 2 (warm-up 0), dmax 5 (warm-up 10)",
+        ),
+        (["--kind", "ghost_batch_norm", "--ghost-batch-size", "8"], "ghost batch  8"),
+        (["--kind", "recurrent_batch_norm", "--time-steps", "3"], "time steps   3"),
+    ]:
+        assert main(["session", "create", "4", *flags, *remote, "--json"]) == 0
+        created = json.loads(capsys.readouterr().out)
+        assert created["kind"] == flags[1]
+        assert main(["session", "show", created["session_id"], *remote]) == 0
+        out = capsys.readouterr().out
+        assert shown in out
+    assert created["time_steps"] == 3 and len(created["running_mean"]) == 3
