@@ -577,3 +577,51 @@ def test_the_cli_creates_and_shows_these_kinds(
         out = capsys.readouterr().out
         assert shown in out
     assert created["time_steps"] == 3 and len(created["running_mean"]) == 3
+
+
+def test_ghost_batch_norm_without_running_statistics(client: Client, streaming: Client) -> None:
+    """TRAIN still splits into virtual batches; EVAL uses the whole batch's statistics, as batch
+    norm without running statistics does."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 3, 2, generator=g) * 2 + 1
+    for c in (client, streaming):
+        sid = c.create_session(
+            3, kind="ghost_batch_norm", ghost_batch_size=4, track_running_stats=False
+        ).session_id
+        train = c.normalize(sid, x)
+        expected = torch.cat([F.batch_norm(p, None, None, training=True) for p in x.split(4)])
+        torch.testing.assert_close(train.output, expected, **TOL)
+        assert train.mean.shape == (3, 3)
+        evaluated = c.normalize(sid, x, mode="eval")
+        torch.testing.assert_close(
+            evaluated.output, F.batch_norm(x, None, None, training=True), **TOL
+        )
+        assert evaluated.mean.shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kind": "batch_renorm", "renorm": RenormLimits(1.5, 0.5)},
+        {"kind": "ghost_batch_norm", "ghost_batch_size": 3},
+        {"kind": "recurrent_batch_norm", "time_steps": 2},
+    ],
+)
+def test_statistics_only_updates_as_a_full_call_does(
+    client: Client, streaming: Client, options: dict[str, Any]
+) -> None:
+    g = torch.Generator().manual_seed(12)
+    step = 1 if "time_steps" in options else 0
+    for c in (client, streaming):
+        full = c.create_session(3, **options).session_id
+        stats = c.create_session(3, **options).session_id
+        for _ in range(3):
+            x = torch.randn(8, 3, generator=g) * 2 + 1
+            a = c.normalize(full, x, time_step=step)
+            b = c.normalize(stats, x, statistics_only=True, time_step=step)
+            assert b.output is None
+            torch.testing.assert_close(b.mean, a.mean, **TOL)
+            torch.testing.assert_close(b.var, a.var, **TOL)
+        sa, sb = c.export_state(full), c.export_state(stats)
+        for key, value in sa.items():
+            torch.testing.assert_close(sb[key], value, **TOL)
