@@ -625,3 +625,26 @@ def test_statistics_only_updates_as_a_full_call_does(
         sa, sb = c.export_state(full), c.export_state(stats)
         for key, value in sa.items():
             torch.testing.assert_close(sb[key], value, **TOL)
+
+
+def test_a_later_chunk_may_not_change_the_time_step(
+    stub: pb_grpc.NormalizerStub, client: Client
+) -> None:
+    info = client.create_session(2, kind="recurrent_batch_norm", time_steps=3)
+    chunks = [
+        pb.NormalizeStreamRequest(
+            session_id=info.session_id,
+            mode=pb.MODE_TRAIN,
+            chunk=tensor(torch.randn(3, 2)),
+            time_step=1,
+        ),
+        pb.NormalizeStreamRequest(chunk=tensor(torch.randn(3, 2)), time_step=1),
+        pb.NormalizeStreamRequest(chunk=tensor(torch.randn(3, 2)), end_of_batch=True, time_step=2),
+    ]
+    with expect_status(
+        INVALID,
+        "time_step: a later chunk of batch 0 names time step 2, the first named 1; nothing of "
+        "that batch was applied",
+    ):
+        list(stub.NormalizeStream(iter(chunks)))
+    assert client.get_session(info.session_id).version == info.version
