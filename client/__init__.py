@@ -15,6 +15,7 @@ from normserve.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
     NormalizeResult,
+    RenormLimits,
     RetryPolicy,
     SessionInfo,
 )
@@ -31,6 +32,15 @@ from normserve.client._errors import (
 from normserve.client._sync import Client
 
 if TYPE_CHECKING:
+    from normserve.client._batch_modules import (
+        RemoteBatchRenorm1d,
+        RemoteBatchRenorm2d,
+        RemoteBatchRenorm3d,
+        RemoteGhostBatchNorm1d,
+        RemoteGhostBatchNorm2d,
+        RemoteGhostBatchNorm3d,
+        RemoteRecurrentBatchNorm1d,
+    )
     from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
     from normserve.client._norm_modules import (
         RemoteGroupNorm,
@@ -61,15 +71,23 @@ __all__ = [
     "RemoteBatchNorm1d",
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
+    "RemoteBatchRenorm1d",
+    "RemoteBatchRenorm2d",
+    "RemoteBatchRenorm3d",
+    "RemoteGhostBatchNorm1d",
+    "RemoteGhostBatchNorm2d",
+    "RemoteGhostBatchNorm3d",
     "RemoteGroupNorm",
     "RemoteInstanceNorm1d",
     "RemoteInstanceNorm2d",
     "RemoteInstanceNorm3d",
     "RemoteLayerNorm",
     "RemoteRMSNorm",
+    "RemoteRecurrentBatchNorm1d",
     "RemoteSyncBatchNorm1d",
     "RemoteSyncBatchNorm2d",
     "RemoteSyncBatchNorm3d",
+    "RenormLimits",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SessionInfo",
@@ -87,6 +105,16 @@ _NORM_MODULES = (
 )
 _SYNC_MODULES = ("RemoteSyncBatchNorm1d", "RemoteSyncBatchNorm2d", "RemoteSyncBatchNorm3d")
 
+_BATCH_MODULES = (
+    "RemoteBatchRenorm1d",
+    "RemoteBatchRenorm2d",
+    "RemoteBatchRenorm3d",
+    "RemoteGhostBatchNorm1d",
+    "RemoteGhostBatchNorm2d",
+    "RemoteGhostBatchNorm3d",
+    "RemoteRecurrentBatchNorm1d",
+)
+
 
 def __getattr__(name: str) -> Any:
     # The torch modules load torch: only when asked for, so the clients and the operator commands
@@ -95,6 +123,10 @@ def __getattr__(name: str) -> Any:
         from normserve.client import _modules
 
         return getattr(_modules, name)
+    if name in _BATCH_MODULES:
+        from normserve.client import _batch_modules
+
+        return getattr(_batch_modules, name)
     if name in _NORM_MODULES:
         from normserve.client import _norm_modules
 

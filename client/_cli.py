@@ -21,7 +21,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from normserve import __version__
-from normserve.client._common import DEFAULT_TARGET, SessionInfo, check_token, tensor_values
+from normserve.client._common import (
+    DEFAULT_TARGET,
+    RenormLimits,
+    SessionInfo,
+    check_token,
+    tensor_values,
+)
 from normserve.client._errors import NormserveError
 from normserve.client._sync import Client
 from normserve.v1 import normserve_pb2 as pb
@@ -175,6 +181,16 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
         print(f"normalized   {list(info.normalized_shape)}")
     if info.num_groups:
         print(f"groups       {info.num_groups}")
+    if info.renorm is not None:
+        r = info.renorm
+        print(
+            f"renorm       rmax {r.rmax:g} (warm-up {r.rmax_warmup_steps}), "
+            f"dmax {r.dmax:g} (warm-up {r.dmax_warmup_steps})"
+        )
+    if info.ghost_batch_size:
+        print(f"ghost batch  {info.ghost_batch_size}")
+    if info.time_steps:
+        print(f"time steps   {info.time_steps}")
     print(f"features     {info.num_features}")
     print(f"eps          {eps}")
     print(f"momentum     {momentum}")
@@ -192,10 +208,22 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
         )
     for name in ("running_mean", "running_var", "weight", "bias"):
         value = values[name]
+        if value is not None and value and isinstance(value[0], list):  # recurrent: [T, C]
+            value = [v for row in value for v in row]
         if value is not None:
             shown = ", ".join(f"{v:.6g}" for v in value[:8])
             more = f", ... ({len(value)} values)" if len(value) > 8 else ""
             print(f"{name:<12} [{shown}{more}]")
+
+
+def _renorm_limits(args: argparse.Namespace) -> RenormLimits | None:
+    """Batch renorm's limits from the flags given (the others at their defaults), or None."""
+    given = {
+        name: getattr(args, name)
+        for name in ("rmax", "dmax", "rmax_warmup_steps", "dmax_warmup_steps")
+        if getattr(args, name) is not None
+    }
+    return RenormLimits(**given) if given else None
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -217,6 +245,9 @@ def _create(args: argparse.Namespace) -> int:
             normalized_shape=args.normalized_shape,
             num_groups=args.num_groups,
             has_bias=False if args.no_bias else None,
+            renorm=_renorm_limits(args),
+            ghost_batch_size=args.ghost_batch_size,
+            time_steps=args.time_steps,
         )
     if args.json:
         _print_session(info, True)
@@ -355,7 +386,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--kind",
         default="batch_norm",
-        choices=["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"],
+        choices=[
+            "batch_norm",
+            "layer_norm",
+            "group_norm",
+            "instance_norm",
+            "rms_norm",
+            "batch_renorm",
+            "ghost_batch_norm",
+            "recurrent_batch_norm",
+        ],
         help="the normalization (default: batch_norm)",
     )
     create.add_argument(
@@ -368,6 +408,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--num-groups", type=int, default=0, help="group norm: groups of channels")
     create.add_argument("--no-bias", action="store_true", help="layer norm: a weight only")
+    create.add_argument("--rmax", type=float, default=None, help="batch renorm: r's limit (3)")
+    create.add_argument("--dmax", type=float, default=None, help="batch renorm: d's limit (5)")
+    create.add_argument(
+        "--rmax-warmup-steps",
+        type=int,
+        default=None,
+        help="batch renorm: TRAIN batches over which rmax ramps up from 1 (0)",
+    )
+    create.add_argument(
+        "--dmax-warmup-steps",
+        type=int,
+        default=None,
+        help="batch renorm: TRAIN batches over which dmax ramps up from 0 (0)",
+    )
+    create.add_argument(
+        "--ghost-batch-size", type=int, default=0, help="ghost batch norm: virtual batch size"
+    )
+    create.add_argument(
+        "--time-steps", type=int, default=0, help="recurrent batch norm: time-step slots"
+    )
     create.add_argument(
         "--eps",
         type=float,

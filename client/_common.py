@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
@@ -37,6 +37,7 @@ __all__ = [
     "KindName",
     "ModeName",
     "NormalizeResult",
+    "RenormLimits",
     "SessionInfo",
 ]
 
@@ -49,19 +50,51 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Metadata = Sequence[tuple[str, str]] | None
 ModeName = Literal["train", "eval"]
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
-KindName = Literal["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+KindName = Literal[
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "rms_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "recurrent_batch_norm",
+]
 _KINDS: dict[str, int] = {
     "batch_norm": pb.NORM_KIND_BATCH_NORM,
     "layer_norm": pb.NORM_KIND_LAYER_NORM,
     "group_norm": pb.NORM_KIND_GROUP_NORM,
     "instance_norm": pb.NORM_KIND_INSTANCE_NORM,
     "rms_norm": pb.NORM_KIND_RMS_NORM,
+    "batch_renorm": pb.NORM_KIND_BATCH_RENORM,
+    "ghost_batch_norm": pb.NORM_KIND_GHOST_BATCH_NORM,
+    "recurrent_batch_norm": pb.NORM_KIND_RECURRENT_BATCH_NORM,
 }
 _KIND_NAMES = {v: k for k, v in _KINDS.items()} | {pb.NORM_KIND_UNSPECIFIED: "batch_norm"}
 #: The kinds that keep running statistics, and so read momentum.
-_RUNNING_KINDS = ("batch_norm", "instance_norm")
+_RUNNING_KINDS = (
+    "batch_norm",
+    "instance_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "recurrent_batch_norm",
+)
 #: torch's momentum, which create_session sends unless told otherwise.
 DEFAULT_MOMENTUM = 0.1
+
+
+@dataclass(frozen=True)
+class RenormLimits:
+    """Batch renorm's limits (``create_session(kind="batch_renorm", renorm=...)``): r is clipped
+    to [1/rmax, rmax] and d to [-dmax, dmax]; each limit ramps linearly from 1 (rmax) and 0
+    (dmax) over its warm-up, counted in the session's TRAIN batches (num_batches_tracked): the
+    batch after t others uses 1 + (rmax - 1) * min(1, t / rmax_warmup_steps), and
+    dmax * min(1, t / dmax_warmup_steps); a warm-up of 0 uses the limit at once."""
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+    rmax_warmup_steps: int = 0
+    dmax_warmup_steps: int = 0
 
 
 _TENSOR_FIELDS = ("running_mean", "running_var", "weight", "bias")
@@ -117,6 +150,12 @@ class SessionInfo:
     #: a synchronized batch norm session's participants (0: not synchronized) and step timeout
     sync_participants: int = 0
     sync_timeout: float | None = None
+    #: batch renorm: its limits and their warm-up (None for the other kinds)
+    renorm: RenormLimits | None = None
+    #: ghost batch norm: the size of its virtual batches (0 for the other kinds)
+    ghost_batch_size: int = 0
+    #: recurrent batch norm: its time-step slots (0 for the other kinds)
+    time_steps: int = 0
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -152,7 +191,11 @@ class SessionInfo:
         for key, value in self.__dict__.items():
             if key.startswith("_"):
                 continue
-            out[key] = value.isoformat() if isinstance(value, dt.datetime) else value
+            if isinstance(value, dt.datetime):
+                value = value.isoformat()
+            elif isinstance(value, RenormLimits):
+                value = asdict(value)
+            out[key] = value
         for name in _TENSOR_FIELDS:
             msg = self._wire.get(name)
             out[name] = None if msg is None else tensor_values(msg)
@@ -306,6 +349,16 @@ def session_info(msg: pb.Session) -> SessionInfo:
         has_bias=cfg.bias if cfg.HasField("bias") else None,
         sync_participants=cfg.sync.participants,
         sync_timeout=cfg.sync.timeout_seconds if cfg.HasField("sync") else None,
+        renorm=RenormLimits(
+            cfg.renorm.rmax,
+            cfg.renorm.dmax,
+            cfg.renorm.rmax_warmup_steps,
+            cfg.renorm.dmax_warmup_steps,
+        )
+        if cfg.HasField("renorm")
+        else None,
+        ghost_batch_size=cfg.ghost_batch_size,
+        time_steps=cfg.time_steps,
         _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
     )
 
@@ -336,6 +389,9 @@ def create_request(
     has_bias: bool | None = None,
     sync_participants: int = 0,
     sync_timeout: float | None = None,
+    renorm: RenormLimits | None = None,
+    ghost_batch_size: int = 0,
+    time_steps: int = 0,
 ) -> pb.CreateSessionRequest:
     """The request for ``create_session`` (see there). None leaves a field unset: the server
     reads it as torch's default for the kind."""
@@ -345,7 +401,18 @@ def create_request(
         device=device,
         allow_non_finite=allow_non_finite,
         num_groups=num_groups,
+        ghost_batch_size=ghost_batch_size,
+        time_steps=time_steps,
     )
+    if renorm is not None:
+        cfg.renorm.CopyFrom(
+            pb.BatchRenormConfig(
+                rmax=renorm.rmax,
+                dmax=renorm.dmax,
+                rmax_warmup_steps=renorm.rmax_warmup_steps,
+                dmax_warmup_steps=renorm.dmax_warmup_steps,
+            )
+        )
     if eps is not None:
         cfg.eps = eps
     if affine is not None:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from normserve.client._common import DEFAULT_TARGET, SessionInfo
+from normserve.client._common import DEFAULT_TARGET, KindName, SessionInfo
 from normserve.client._errors import AlreadyExistsError, NotFoundError
 from normserve.client._sync import Client
 
@@ -102,6 +102,9 @@ def _given(client: Client) -> dict[str, Any]:
 class _RemoteBatchNorm(nn.Module):
     _ranks: tuple[int, ...] = ()
     _name = ""
+    #: the session kind; the batch-norm variants (renorm, ghost) add their fields through
+    #: ``_kind_options``
+    _kind: KindName = "batch_norm"
 
     def __init__(
         self,
@@ -253,7 +256,8 @@ class _RemoteBatchNorm(nn.Module):
             track_running_stats=self.track_running_stats,
             device=self._server_device,
             ttl_seconds=self._ttl_seconds,
-            **self._session_extra(),
+            kind=self._kind,
+            **self._kind_options(),
         )
         if self._restore:  # unpickled, and the session was gone: its statistics come back
             self._check_config(info)
@@ -261,19 +265,19 @@ class _RemoteBatchNorm(nn.Module):
             client.import_state(info.session_id, stats, strict=False)
         return info
 
-    def _session_extra(self) -> dict[str, Any]:
-        """What a subclass adds to the config of a session it creates (and checks on attach)."""
+    def _kind_options(self) -> dict[str, Any]:
+        """create_session's arguments for the kind's own fields (as SessionInfo names them)."""
         return {}
 
     def _check_config(self, info: SessionInfo) -> None:
         wanted = {
-            "kind": "batch_norm",
+            "kind": self._kind,
             "num_features": self.num_features,
             "eps": self.eps,
             "momentum": self.momentum,
             "affine": False,
             "track_running_stats": self.track_running_stats,
-            **self._session_extra(),
+            **self._kind_options(),
         }
         diffs = [
             f"{name} is {getattr(info, name)!r} in the session, {value!r} in the module"

@@ -114,14 +114,20 @@ class Client(c.ClientBase):
         has_bias: bool | None = None,
         sync_participants: int = 0,
         sync_timeout: float | None = None,
+        renorm: c.RenormLimits | None = None,
+        ghost_batch_size: int = 0,
+        time_steps: int = 0,
     ) -> c.SessionInfo:
         """Creates a session of ``kind``, like its torch module: ``"batch_norm"``
         (``torch.nn.BatchNorm*d(num_features, eps, momentum, affine, track_running_stats)``),
         ``"layer_norm"`` (``LayerNorm(normalized_shape, eps, elementwise_affine=affine,
         bias=has_bias)``), ``"group_norm"`` (``GroupNorm(num_groups, num_features, eps, affine)``),
         ``"instance_norm"`` (``InstanceNorm*d(num_features, eps, momentum, affine,
-        track_running_stats)``) or ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
-        elementwise_affine=affine)``); for layer and RMS norm ``num_features`` may be 0 (the
+        track_running_stats)``), ``"rms_norm"`` (``RMSNorm(normalized_shape, eps,
+        elementwise_affine=affine)``), ``"batch_renorm"`` (batch norm with ``renorm``'s limits;
+        None: rmax 3, dmax 5, no warm-up), ``"ghost_batch_norm"`` (batch norm over virtual
+        batches of ``ghost_batch_size``) or ``"recurrent_batch_norm"`` (batch norm with
+        ``time_steps`` slots of running statistics, ``normalize(..., time_step=t)``); for layer and RMS norm ``num_features`` may be 0 (the
         product of ``normalized_shape``). ``eps``, ``affine``, ``track_running_stats`` and
         ``has_bias`` left None take torch's default for the kind; ``momentum=None`` is torch's
         momentum=None (the cumulative average for batch norm), and is sent only to the kinds that
@@ -149,6 +155,9 @@ class Client(c.ClientBase):
             has_bias=has_bias,
             sync_participants=sync_participants,
             sync_timeout=sync_timeout,
+            renorm=renorm,
+            ghost_batch_size=ghost_batch_size,
+            time_steps=time_steps,
         )
 
         def already_created(code: grpc.StatusCode) -> Any:
@@ -249,11 +258,13 @@ class Client(c.ClientBase):
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         sync: tuple[int, int] | None = None,
+        time_step: int = 0,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``). A
         TRAIN batch carries ``idempotency_key`` (default: a fresh UUID), the same on every
         retry, so it is applied once. ``sync``: (rank, step) of a TRAIN batch on a synchronized
-        session (never streamed: it must fit one message)."""
+        session (never streamed: it must fit one message). ``time_step``: the batch's step in a
+        recurrent batch norm session."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
@@ -274,6 +285,7 @@ class Client(c.ClientBase):
                             timeout=retrier.timeout(),
                             metadata=metadata,
                             idempotency_keys=iter([key]),
+                            time_step=time_step,
                         )
                     )
                 except NormserveError as err:
@@ -281,7 +293,7 @@ class Client(c.ClientBase):
                     if delay is None:
                         raise
                 time.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync)
+        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync, time_step)
         return tx.normalize_result(
             self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )
@@ -312,13 +324,17 @@ class Client(c.ClientBase):
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
+        time_step: int = 0,
     ) -> Iterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order. Each TRAIN
         batch carries an idempotency key (default: a fresh UUID each; ``idempotency_keys`` gives
-        them, e.g. to resend batches after a failure). The stream is not retried."""
+        them, e.g. to resend batches after a failure); ``time_step``: every batch's, in a
+        recurrent batch norm session. The stream is not retried."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
-        plan = tx.StreamPlan(session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys)
+        plan = tx.StreamPlan(
+            session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys, time_step
+        )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
             for msg in self._normalize_stream(

@@ -89,7 +89,7 @@ class _RemoteSyncBatchNorm(_RemoteBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **remote
         )
 
-    def _session_extra(self) -> dict[str, Any]:
+    def _kind_options(self) -> dict[str, Any]:
         if self._forked:
             return {}
         return {"sync_participants": self.world_size, "sync_timeout": self.sync_timeout}

@@ -117,10 +117,11 @@ def normalize_request(
     statistics_only: bool,
     idempotency_key: str = "",
     sync: tuple[int, int] | None = None,
+    time_step: int = 0,
 ) -> bytes:
     """An encoded NormalizeRequest: one copy of the tensor (see normserve.wire)."""
     return wire.encode_normalize_request(
-        session_id, mode_value(mode), x, statistics_only, idempotency_key, sync
+        session_id, mode_value(mode), x, statistics_only, idempotency_key, sync, time_step
     )
 
 
@@ -162,9 +163,12 @@ class StreamPlan:
         statistics_only: bool,
         chunk_bytes: int,
         idempotency_keys: Iterator[str] | None = None,
+        time_step: int = 0,
     ) -> None:
-        """``idempotency_keys``: one per TRAIN batch (default: a fresh UUID each)."""
+        """``idempotency_keys``: one per TRAIN batch (default: a fresh UUID each);
+        ``time_step``: every batch's (recurrent batch norm)."""
         self.session_id = session_id
+        self.time_step = time_step
         self.mode = mode_value(mode)
         self._keys = idempotency_keys
         self.statistics_only = statistics_only
@@ -202,7 +206,13 @@ class StreamPlan:
             chunk = x[start : start + rows]
             if i == 0:
                 yield wire.encode_stream_request(
-                    self.session_id, self.mode, chunk, last == 0, self.statistics_only, key
+                    self.session_id,
+                    self.mode,
+                    chunk,
+                    last == 0,
+                    self.statistics_only,
+                    key,
+                    self.time_step,
                 )
             else:
                 yield wire.encode_stream_request("", 0, chunk, i == last, False)

@@ -205,7 +205,13 @@ def _sample(msg: Any, field: Any) -> None:
 def _reencode_request(raw: bytes) -> bytes:
     f = wire.parse_normalize_request(raw)
     return wire.encode_normalize_request(
-        f.session_id, f.mode, f.tensor(), f.statistics_only, f.idempotency_key, f.sync
+        f.session_id,
+        f.mode,
+        f.tensor(),
+        f.statistics_only,
+        f.idempotency_key,
+        f.sync,
+        f.time_step,
     )
 
 
@@ -213,7 +219,13 @@ def _reencode_stream_request(raw: bytes) -> bytes:
     f = wire.parse_stream_request(raw)
     chunk = f.tensor() if f.has_tensor else None
     return wire.encode_stream_request(
-        f.session_id, f.mode, chunk, f.end_of_batch, f.statistics_only, f.idempotency_key
+        f.session_id,
+        f.mode,
+        chunk,
+        f.end_of_batch,
+        f.statistics_only,
+        f.idempotency_key,
+        f.time_step,
     )
 
 

@@ -50,14 +50,22 @@ _U64 = 1 << 64
 HANDLED: dict[str, frozenset[str]] = {
     "Tensor": frozenset({"dtype", "shape", "data"}),
     "NormalizeRequest": frozenset(
-        {"session_id", "mode", "input", "statistics_only", "idempotency_key", "sync"}
+        {"session_id", "mode", "input", "statistics_only", "idempotency_key", "sync", "time_step"}
     ),
     "SyncStep": frozenset({"rank", "step"}),
     "NormalizeResponse": frozenset(
         {"output", "mean", "var", "version", "batch_statistics", "replayed"}
     ),
     "NormalizeStreamRequest": frozenset(
-        {"session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key"}
+        {
+            "session_id",
+            "mode",
+            "chunk",
+            "end_of_batch",
+            "statistics_only",
+            "idempotency_key",
+            "time_step",
+        }
     ),
     "NormalizeStreamResponse": frozenset(
         {
@@ -203,6 +211,7 @@ class NormalizeFrame:
     idempotency_key: str = ""
     #: NormalizeRequest.sync as (rank, step); None when absent
     sync: tuple[int, int] | None = None
+    time_step: int = 0
     _buf: memoryview | None = None
     _span: tuple[int, int] = (0, 0)
     _name: str = ""
@@ -228,6 +237,7 @@ class _RequestFields:
     end_of_batch: int
     idempotency_key: int
     sync: int = 0
+    time_step: int = 0
 
 
 _REQUEST = _RequestFields(
@@ -239,6 +249,7 @@ _REQUEST = _RequestFields(
     end_of_batch=0,
     idempotency_key=_number(pb.NormalizeRequest, "idempotency_key", _LEN),
     sync=_number(pb.NormalizeRequest, "sync", _LEN),
+    time_step=_number(pb.NormalizeRequest, "time_step", _VARINT),
 )
 _SYNC_RANK = _number(pb.SyncStep, "rank", _VARINT)
 _SYNC_STEP = _number(pb.SyncStep, "step", _VARINT)
@@ -264,6 +275,7 @@ _STREAM_REQUEST = _RequestFields(
     statistics_only=_number(pb.NormalizeStreamRequest, "statistics_only", _VARINT),
     end_of_batch=_number(pb.NormalizeStreamRequest, "end_of_batch", _VARINT),
     idempotency_key=_number(pb.NormalizeStreamRequest, "idempotency_key", _LEN),
+    time_step=_number(pb.NormalizeStreamRequest, "time_step", _VARINT),
 )
 
 
@@ -295,6 +307,8 @@ def _frame(raw: bytes, f: _RequestFields) -> NormalizeFrame:
                 frame.statistics_only = bool(value)
             elif number == end_n:
                 frame.end_of_batch = bool(value)
+            elif number == f.time_step:
+                frame.time_step = _signed(value)
     if len(spans) == 1:
         frame._buf, frame._span = buf, spans[0]
     elif spans:
@@ -450,6 +464,7 @@ _K_RQ_MODE = _key(_RQ, "mode", _VARINT)
 _K_RQ_INPUT = _key(_RQ, "input", _LEN)
 _K_RQ_STATISTICS_ONLY = _key(_RQ, "statistics_only", _VARINT)
 _K_RQ_IDEMPOTENCY_KEY = _key(_RQ, "idempotency_key", _LEN)
+_K_RQ_TIME_STEP = _key(_RQ, "time_step", _VARINT)
 _K_RQ_SYNC = _key(_RQ, "sync", _LEN)
 _K_SYNC_RANK = _key(pb.SyncStep, "rank", _VARINT)
 _K_SYNC_STEP = _key(pb.SyncStep, "step", _VARINT)
@@ -462,11 +477,13 @@ def encode_normalize_request(
     statistics_only: bool,
     idempotency_key: str = "",
     sync: tuple[int, int] | None = None,
+    time_step: int = 0,
 ) -> bytes:
     parts = [_string(_K_RQ_SESSION_ID, session_id), _scalar(_K_RQ_MODE, mode)]
     parts += _tensor_parts(_K_RQ_INPUT, tensor)
     parts.append(_scalar(_K_RQ_STATISTICS_ONLY, int(statistics_only)))
     parts.append(_string(_K_RQ_IDEMPOTENCY_KEY, idempotency_key))
+    parts.append(_scalar(_K_RQ_TIME_STEP, time_step))
     if sync is not None:  # present even when rank and step are 0
         body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
         parts.append(_K_RQ_SYNC + _enc_varint(len(body)) + body)
@@ -480,6 +497,7 @@ _K_SQ_CHUNK = _key(_SQ, "chunk", _LEN)
 _K_SQ_END_OF_BATCH = _key(_SQ, "end_of_batch", _VARINT)
 _K_SQ_STATISTICS_ONLY = _key(_SQ, "statistics_only", _VARINT)
 _K_SQ_IDEMPOTENCY_KEY = _key(_SQ, "idempotency_key", _LEN)
+_K_SQ_TIME_STEP = _key(_SQ, "time_step", _VARINT)
 
 
 def encode_stream_request(
@@ -489,6 +507,7 @@ def encode_stream_request(
     end_of_batch: bool,
     statistics_only: bool,
     idempotency_key: str = "",
+    time_step: int = 0,
 ) -> bytes:
     parts = [_string(_K_SQ_SESSION_ID, session_id), _scalar(_K_SQ_MODE, mode)]
     if tensor is not None:
@@ -497,6 +516,7 @@ def encode_stream_request(
         _scalar(_K_SQ_END_OF_BATCH, int(end_of_batch)),
         _scalar(_K_SQ_STATISTICS_ONLY, int(statistics_only)),
         _string(_K_SQ_IDEMPOTENCY_KEY, idempotency_key),
+        _scalar(_K_SQ_TIME_STEP, time_step),
     ]
     return b"".join(parts)
 

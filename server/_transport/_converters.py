@@ -32,6 +32,9 @@ _KINDS_OUT = {
     Kind.GROUP_NORM: pb.NORM_KIND_GROUP_NORM,
     Kind.INSTANCE_NORM: pb.NORM_KIND_INSTANCE_NORM,
     Kind.RMS_NORM: pb.NORM_KIND_RMS_NORM,
+    Kind.BATCH_RENORM: pb.NORM_KIND_BATCH_RENORM,
+    Kind.GHOST_BATCH_NORM: pb.NORM_KIND_GHOST_BATCH_NORM,
+    Kind.RECURRENT_BATCH_NORM: pb.NORM_KIND_RECURRENT_BATCH_NORM,
 }
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM} | {v: k for k, v in _KINDS_OUT.items()}
 _IMPLEMENTED = ", ".join(pb.NormKind.Name(v) for v in _KINDS_OUT.values())
@@ -77,7 +80,10 @@ def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, t
         normalized_shape=tuple(msg.normalized_shape),
         num_groups=msg.num_groups,
         **_sync_config(msg),
+        ghost_batch_size=msg.ghost_batch_size,
+        time_steps=msg.time_steps,
         **given,
+        **_renorm(msg),
     )
     weight = (
         tensor_from_proto(msg.initial_weight, "config.initial_weight")
@@ -103,6 +109,25 @@ def _sync_config(msg: pb.SessionConfig) -> dict[str, object]:
     return fields
 
 
+def _renorm(msg: pb.SessionConfig) -> dict[str, object]:
+    """BatchRenormConfig's fields as SessionConfig's; unset limits keep the kind's defaults."""
+    if not msg.HasField("renorm"):
+        return {}
+    if msg.kind != pb.NORM_KIND_BATCH_RENORM:
+        raise InvalidArgument(
+            "config.renorm", f"only batch renorm reads it, not {pb.NormKind.Name(msg.kind)}"
+        )
+    r = msg.renorm
+    out: dict[str, object] = {
+        "rmax_warmup_steps": r.rmax_warmup_steps,
+        "dmax_warmup_steps": r.dmax_warmup_steps,
+    }
+    for name in ("rmax", "dmax"):
+        if r.HasField(name):
+            out[name] = getattr(r, name)
+    return out
+
+
 def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     msg = pb.SessionConfig(
         kind=_KINDS_OUT[cfg.kind],
@@ -124,6 +149,17 @@ def _config_out(cfg: SessionConfig, ttl_seconds: float) -> pb.SessionConfig:
     if cfg.sync_participants:
         msg.sync.participants = cfg.sync_participants
         msg.sync.timeout_seconds = cfg.sync_timeout
+    msg.ghost_batch_size = cfg.ghost_batch_size
+    msg.time_steps = cfg.time_steps
+    if cfg.rmax is not None and cfg.dmax is not None:
+        msg.renorm.CopyFrom(
+            pb.BatchRenormConfig(
+                rmax=cfg.rmax,
+                dmax=cfg.dmax,
+                rmax_warmup_steps=cfg.rmax_warmup_steps,
+                dmax_warmup_steps=cfg.dmax_warmup_steps,
+            )
+        )
     return msg
 
 
@@ -186,6 +222,7 @@ def normalize_call(raw: bytes) -> NormalizeCall:
         len(raw),
         req.idempotency_key,
         None if req.sync is None else SyncStep(*req.sync),
+        req.time_step,
     )
 
 
@@ -238,6 +275,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[C
             req.tensor if req.has_tensor else None,
             mode,
             req.idempotency_key,
+            req.time_step,
         )
         yield chunk, len(raw)
 

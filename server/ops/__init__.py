@@ -17,6 +17,7 @@ from normserve.server.ops._batchnorm import (
     reduce_dims,
     update_running,
 )
+from normserve.server.ops._ghostnorm import ghost_splits
 from normserve.server.ops._groupnorm import group_norm, group_norm_moments
 from normserve.server.ops._instancenorm import (
     instance_norm,
@@ -24,6 +25,7 @@ from normserve.server.ops._instancenorm import (
     update_running_instances,
 )
 from normserve.server.ops._layernorm import layer_norm, layer_norm_moments, work_dtype
+from normserve.server.ops._renorm import renorm_apply, renorm_factors, renorm_statistics
 from normserve.server.ops._rmsnorm import mean_square, rms_eps, rms_norm
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "batch_norm_train",
     "batch_shift",
     "ema_factor",
+    "ghost_splits",
     "group_norm",
     "group_norm_moments",
     "instance_norm",
@@ -43,6 +46,9 @@ __all__ = [
     "normalize",
     "normalize_batch",
     "reduce_dims",
+    "renorm_apply",
+    "renorm_factors",
+    "renorm_statistics",
     "rms_eps",
     "rms_norm",
     "update_running",

@@ -23,9 +23,17 @@ class ChunkedBatch:
     needs no statistics of its own (EVAL with running statistics) is answered chunk by chunk."""
 
     def __init__(
-        self, session: Session, mode: Mode, statistics_only: bool, idempotency_key: str = ""
+        self,
+        session: Session,
+        mode: Mode,
+        statistics_only: bool,
+        idempotency_key: str = "",
+        time_step: int = 0,
     ) -> None:
         self.session = session
+        #: the kind as this batch's time step sees it (recurrent batch norm: one slot)
+        self.kind = session.kind.at(time_step)
+        self.time_step = time_step
         self.mode = mode
         self.statistics_only = statistics_only
         self.idempotency_key = idempotency_key
@@ -39,7 +47,7 @@ class ChunkedBatch:
         self._partial: Any = None
         self._prepared: Any = None
         self._state = session.state
-        self._batch_stats = session.kind.uses_batch_statistics(mode)
+        self._batch_stats = self.kind.uses_batch_statistics(mode)
 
     @property
     def keeps_chunks(self) -> bool:
@@ -99,19 +107,19 @@ class ChunkedBatch:
         self._rows += x.shape[0]
         out = None
         if self._batch_stats:
-            self._partial = s.kind.chunk_statistics(x, self._partial)
+            self._partial = self.kind.chunk_statistics(x, self._partial)
             if self.keeps_chunks:
                 self._chunks.append(x)
         else:
             s.check_finite_input(x, field)
             if not self.statistics_only:
-                out = s.kind.normalize_chunk(x, None, self._state)
+                out = self.kind.normalize_chunk(x, None, self._state)
         self._t_compute += time.perf_counter() - t0
         return out
 
     def header(self) -> NormalizeResult:
         """The statistics and version a pipelined batch is normalized with (known at its start)."""
-        st = self._state
+        st = self.kind.view(self._state)
         assert st.running_mean is not None and st.running_var is not None
         return NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
 
@@ -120,7 +128,7 @@ class ChunkedBatch:
             return None
         probe = torch.empty([0, *shape[1:]], dtype=dtype)
         return self.session.idempotency(
-            self.idempotency_key, self.mode, probe, self.statistics_only, shape[0]
+            self.idempotency_key, self.mode, probe, self.statistics_only, shape[0], self.time_step
         )
 
     def finish(self) -> tuple[NormalizeResult, int]:
@@ -131,11 +139,11 @@ class ChunkedBatch:
         if first is None:
             raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
         t0 = time.perf_counter()
-        s, kind, mode = self.session, self.session.kind, self.mode
+        s, kind, mode = self.session, self.kind, self.mode
         shape = [self._rows, *first[1]]
         empty = self._partial is None  # no values at all: an empty batch, as torch allows
         if not self._batch_stats:
-            st = self._state
+            st = self.kind.view(self._state)
             assert st.running_mean is not None and st.running_var is not None
             result = NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
             s.touch()
@@ -169,7 +177,7 @@ class ChunkedBatch:
         if not self._batch_stats or self.statistics_only:
             return
         st = self._state
-        kind = self.session.kind
+        kind = self.kind
         chunks, self._chunks = self._chunks, []
         for i in range(len(chunks)):
             t0 = time.perf_counter()

@@ -46,14 +46,17 @@ MAX_EPS = 1e6
 
 
 class Kind(enum.Enum):
-    """What a session computes, each as its torch module does. Later kinds (renorm, ghost batch
-    norm) join here."""
+    """What a session computes, each as its torch module does (batch renorm and ghost batch norm
+    as their papers define them; torch has no module for them)."""
 
     BATCH_NORM = "batch_norm"
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
     INSTANCE_NORM = "instance_norm"
     RMS_NORM = "rms_norm"
+    BATCH_RENORM = "batch_renorm"
+    GHOST_BATCH_NORM = "ghost_batch_norm"
+    RECURRENT_BATCH_NORM = "recurrent_batch_norm"
 
     @property
     def title(self) -> str:
@@ -63,7 +66,13 @@ class Kind(enum.Enum):
     @property
     def keeps_running_stats(self) -> bool:
         """Whether the kind can keep running statistics (and so reads momentum)."""
-        return self in (Kind.BATCH_NORM, Kind.INSTANCE_NORM)
+        return self in (
+            Kind.BATCH_NORM,
+            Kind.INSTANCE_NORM,
+            Kind.BATCH_RENORM,
+            Kind.GHOST_BATCH_NORM,
+            Kind.RECURRENT_BATCH_NORM,
+        )
 
     @property
     def per_shape(self) -> bool:
@@ -79,6 +88,9 @@ KIND_DEFAULTS: dict[Kind, dict[str, object]] = {
     Kind.GROUP_NORM: {"momentum": None, "track_running_stats": False},
     Kind.INSTANCE_NORM: {"affine": False, "track_running_stats": False},
     Kind.RMS_NORM: {"momentum": None, "track_running_stats": False, "eps": None},
+    Kind.BATCH_RENORM: {"rmax": 3.0, "dmax": 5.0},
+    Kind.GHOST_BATCH_NORM: {},
+    Kind.RECURRENT_BATCH_NORM: {},
 }
 
 #: A synchronized session's participants at most, and its step timeout unless the config sets one.
@@ -124,6 +136,16 @@ class SessionConfig:
     sync_participants: int = 0
     #: seconds a synchronized step waits for its last participant
     sync_timeout: float = DEFAULT_SYNC_TIMEOUT
+    #: batch renorm: the limits of r and d (None for the other kinds), and the batches over which
+    #: each ramps from 1 (r) and 0 (d) to them; see ``renorm_limits``
+    rmax: float | None = None
+    dmax: float | None = None
+    rmax_warmup_steps: int = 0
+    dmax_warmup_steps: int = 0
+    #: ghost batch norm: the size of its virtual batches (0 for the other kinds)
+    ghost_batch_size: int = 0
+    #: recurrent batch norm: its time-step slots (0 for the other kinds)
+    time_steps: int = 0
 
     def __post_init__(self) -> None:
         # a config read back from JSON carries a list; and layer and RMS norm may leave
@@ -150,6 +172,20 @@ class SessionConfig:
         """eps as a float (RMS norm's unset eps is decided per input; this is float32's)."""
         return self.eps if self.eps is not None else float(torch.finfo(torch.float32).eps)
 
+    def renorm_limits(self, n: int) -> tuple[float, float]:
+        """Batch renorm's (rmax_t, dmax_t) for the TRAIN batch that makes num_batches_tracked
+        ``n``: t = n - 1 batches came before it, and each limit ramps linearly from 1 (rmax) and
+        0 (dmax) over its warm-up, reaching the configured value at t = warm-up steps."""
+        assert self.rmax is not None and self.dmax is not None
+        t = max(n - 1, 0)
+
+        def ramp(steps: int) -> float:
+            return 1.0 if steps <= 0 else min(1.0, t / steps)
+
+        return 1.0 + (self.rmax - 1.0) * ramp(self.rmax_warmup_steps), self.dmax * ramp(
+            self.dmax_warmup_steps
+        )
+
     def validate(self, max_features: int = DEFAULT_MAX_FEATURES) -> None:
         """Raises InvalidArgument naming the first bad field. ``max_features`` is the server's
         bound, which keeps every session readable and exportable in one message."""
@@ -159,6 +195,13 @@ class SessionConfig:
                 "config.num_features",
                 f"must be between 1 and {max_features} (this server's --max-features), "
                 f"got {self.num_features}",
+            )
+        if self.time_steps * self.num_features > max_features:
+            # [T, C] running statistics are read and exported in one message, like [C] ones
+            raise InvalidArgument(
+                "config.time_steps",
+                f"time_steps x num_features must be at most {max_features} (this server's "
+                f"--max-features), got {self.time_steps} x {self.num_features}",
             )
         if self.eps is None:
             if self.kind is not Kind.RMS_NORM:
@@ -219,6 +262,33 @@ class SessionConfig:
             why = "RMS norm has no bias" if kind is Kind.RMS_NORM else f"{name}'s comes with affine"
             raise InvalidArgument("config.bias", f"only layer norm reads it; {why}")
         self._validate_sync()
+        self._validate_renorm()
+        if kind is Kind.GHOST_BATCH_NORM:
+            if self.ghost_batch_size <= 0:
+                raise InvalidArgument(
+                    "config.ghost_batch_size",
+                    f"ghost batch norm needs ghost_batch_size > 0, got {self.ghost_batch_size}",
+                )
+        elif self.ghost_batch_size:
+            raise InvalidArgument(
+                "config.ghost_batch_size", f"only ghost batch norm reads it, not {name}"
+            )
+        if kind is Kind.RECURRENT_BATCH_NORM:
+            if self.time_steps <= 0:
+                raise InvalidArgument(
+                    "config.time_steps",
+                    f"recurrent batch norm needs time_steps > 0, got {self.time_steps}",
+                )
+            if self.momentum is None and self.track_running_stats:
+                raise InvalidArgument(
+                    "config.momentum",
+                    "recurrent batch norm keeps one num_batches_tracked for all its slots, so no "
+                    "cumulative average per slot; give a momentum",
+                )
+        elif self.time_steps:
+            raise InvalidArgument(
+                "config.time_steps", f"only recurrent batch norm reads it, not {name}"
+            )
 
     def _validate_sync(self) -> None:
         k = self.sync_participants
@@ -239,6 +309,32 @@ class SessionConfig:
                 "config.sync.timeout_seconds",
                 f"must be in (0, {MAX_SYNC_TIMEOUT:g}], got {self.sync_timeout}",
             )
+
+    def _validate_renorm(self) -> None:
+        name = self.kind.title
+        fields = ("rmax", "dmax", "rmax_warmup_steps", "dmax_warmup_steps")
+        if self.kind is not Kind.BATCH_RENORM:
+            for f in fields:
+                if getattr(self, f):
+                    raise InvalidArgument(
+                        f"config.renorm.{f}", f"only batch renorm reads it, not {name}"
+                    )
+            return
+        if not self.track_running_stats:
+            raise InvalidArgument(
+                "config.track_running_stats",
+                "batch renorm corrects batch statistics towards running ones; it needs true",
+            )
+        rmax, dmax = self.rmax, self.dmax
+        if rmax is None or not (math.isfinite(rmax) and rmax >= 1):
+            raise InvalidArgument("config.renorm.rmax", f"must be a finite value >= 1, got {rmax}")
+        if dmax is None or not (math.isfinite(dmax) and dmax >= 0):
+            raise InvalidArgument("config.renorm.dmax", f"must be a finite value >= 0, got {dmax}")
+        for f in fields[2:]:
+            if getattr(self, f) < 0:
+                raise InvalidArgument(
+                    f"config.renorm.{f}", f"must be >= 0 (0: no warm-up), got {getattr(self, f)}"
+                )
 
     def _validate_normalized_shape(self) -> None:
         shape, name = self.normalized_shape, self.kind.title

@@ -120,6 +120,8 @@ class NormalizeCall:
     idempotency_key: str = ""
     #: a participant's place in a synchronized TRAIN step (None: not synchronized)
     sync: SyncStep | None = None
+    #: recurrent batch norm: the batch's time step (0 for the other kinds)
+    time_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,7 @@ class NormalizerService:
         x = call.tensor()
         t1 = perf_counter()
         session.check_input(x)
+        session.kind.at(call.time_step)  # a wrong time step is refused before anything else
         self.check_answer(
             x, call.statistics_only, statistics=session.kind.statistics_numel(x.shape)
         )
@@ -367,9 +370,13 @@ class NormalizerService:
         if self.local_store and x.numel() * x.element_size() <= INLINE_BYTES:
             # a thread hop costs more than this work; never wait for a lock on the loop, though
             with contextlib.suppress(Busy):
-                result = session.normalize(x, mode, call.statistics_only, False, key)
+                result = session.normalize(
+                    x, mode, call.statistics_only, False, key, call.time_step
+                )
         if result is None:
-            result = await self.compute(session.normalize, x, mode, call.statistics_only, True, key)
+            result = await self.compute(
+                session.normalize, x, mode, call.statistics_only, True, key, call.time_step
+            )
         await self.durable(result.durable)
         t2 = perf_counter()
         answer = encode(result)

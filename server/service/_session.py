@@ -300,8 +300,8 @@ class Session:
                 "the running statistics would exceed float32's range; nothing was applied",
             )
 
-    def _next_count(self, s: SessionState) -> int:
-        n = s.num_batches_tracked + 1
+    def _next_count(self, s: SessionState, batches: int = 1) -> int:
+        n = s.num_batches_tracked + batches
         if n > MAX_BATCHES_TRACKED:
             raise FailedPrecondition(
                 f"session {self.session_id!r}: num_batches_tracked would overflow int64; "
@@ -338,6 +338,8 @@ class Session:
                 )  # before the commit: a bad batch changes nothing
                 steps.append(step)
                 assert step.running is not None
+                if step.batches is not None:
+                    n = self._next_count(s, step.batches)
                 return s.advanced(num_batches_tracked=n, **step.running)
 
             _, new, ticket = self._transition(next_state, idempotency)
@@ -389,6 +391,7 @@ class Session:
         statistics_only: bool = False,
         blocking: bool = True,
         idempotency_key: str = "",
+        time_step: int = 0,
     ) -> NormalizeResult:
         """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first, once
         per idempotency key. Without ``blocking``, raises Busy rather than wait for another
@@ -396,13 +399,13 @@ class Session:
         t0 = time.perf_counter()
         self.check_input(x)
         self.check_unsynchronized(mode, "sync")
+        kind = self.kind.at(time_step)
         if x.device != self.device:
             x = x.to(self.device)
-        kind = self.kind
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):
-            idem = self.idempotency(idempotency_key, mode, x, statistics_only)
+            idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
             step, version, waited, ticket, replayed = self.update(
                 lambda s, n: kind.forward(x, s, mode, statistics_only, n),
                 "input",
@@ -431,26 +434,38 @@ class Session:
 
     @staticmethod
     def idempotency(
-        key: str, mode: Mode, x: torch.Tensor | None, statistics_only: bool, rows: int = -1
+        key: str,
+        mode: Mode,
+        x: torch.Tensor | None,
+        statistics_only: bool,
+        rows: int = -1,
+        time_step: int = 0,
     ) -> Idempotency | None:
         """An update's idempotency (None without a key); the fingerprint names what the request
-        asked (mode, dtype, shape), so a key reused for another request is told apart."""
+        asked (mode, with a recurrent batch's time step; dtype, shape), so a key reused for
+        another request is told apart."""
         if not key:
             return None
         check_idempotency_key(key)
+        # "train@3": only a nonzero step shows, so every other fingerprint stays as it was
+        what = f"{mode.value}@{time_step}" if time_step else mode.value
         if x is None:
-            return Idempotency(key, f"{mode.value}:stream:{int(statistics_only)}")
+            return Idempotency(key, f"{what}:stream:{int(statistics_only)}")
         shape = [rows if rows >= 0 else x.shape[0], *x.shape[1:]]
-        return Idempotency(key, fingerprint(mode.value, str(x.dtype)[6:], shape, statistics_only))
+        return Idempotency(key, fingerprint(what, str(x.dtype)[6:], shape, statistics_only))
 
     def start_batch(
-        self, mode: Mode, statistics_only: bool = False, idempotency_key: str = ""
+        self,
+        mode: Mode,
+        statistics_only: bool = False,
+        idempotency_key: str = "",
+        time_step: int = 0,
     ) -> ChunkedBatch:
         """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
         self.check_unsynchronized(mode, "mode")
-        return ChunkedBatch(self, mode, statistics_only, idempotency_key)
+        return ChunkedBatch(self, mode, statistics_only, idempotency_key, time_step)
 
     def reset(self) -> tuple[SessionState, Ticket]:
         """Kept statistics back to their initial values, 0 batches (weight and bias stay)."""

@@ -141,6 +141,8 @@ class Chunk:
     tensor: Callable[[], torch.Tensor] | None
     to_mode: Callable[[int], Mode]
     idempotency_key: str = ""
+    #: recurrent batch norm: the batch's time step (read on its first chunk)
+    time_step: int = 0
 
 
 #: Makes one answer message: (batch index, an output chunk or None, whether it ends the batch,
@@ -169,7 +171,7 @@ async def serve_stream(
     req: Chunk | None = None
     x: torch.Tensor | None = None
     out: torch.Tensor | None = None
-    header: tuple[str, int, bool] = ("", 0, False)
+    header: tuple[str, int, bool, int] = ("", 0, False, 0)
     index = 0
     decode = encode_s = 0.0
     elements = sent = 0
@@ -182,11 +184,13 @@ async def serve_stream(
                 break
             t0 = perf_counter()
             if batch is None:
-                header = (req.session_id, req.mode, req.statistics_only)
+                header = (req.session_id, req.mode, req.statistics_only, req.time_step)
                 session = service.sessions.get(req.session_id)
                 mode = req.to_mode(req.mode)
                 service.stages.label(session.config.kind.value, mode.value)
-                batch = session.start_batch(mode, req.statistics_only, req.idempotency_key)
+                batch = session.start_batch(
+                    mode, req.statistics_only, req.idempotency_key, req.time_step
+                )
                 decode = encode_s = 0.0
                 elements = sent = 0
             else:
@@ -253,8 +257,8 @@ async def serve_stream(
         )
 
 
-def _check_header(req: Chunk, header: tuple[str, int, bool], index: int) -> None:
-    session_id, mode, stats_only = header
+def _check_header(req: Chunk, header: tuple[str, int, bool, int], index: int) -> None:
+    session_id, mode, stats_only, time_step = header
     if req.session_id and req.session_id != session_id:
         raise InvalidArgument(
             "session_id",
@@ -269,4 +273,10 @@ def _check_header(req: Chunk, header: tuple[str, int, bool], index: int) -> None
         raise InvalidArgument(
             "statistics_only",
             f"a later chunk of batch {index} sets statistics_only; set it on the first chunk",
+        )
+    if req.time_step and req.time_step != time_step:
+        raise InvalidArgument(
+            "time_step",
+            f"a later chunk of batch {index} names time step {req.time_step}, the first named "
+            f"{time_step}; nothing of that batch was applied",
         )

@@ -184,11 +184,12 @@ def test_float16_data_length_counts_two_bytes(stub: pb_grpc.NormalizerStub, sid:
             "config.momentum: must be in (0, 1], or unset for a cumulative average; got 0.0",
         ),
         (
-            pb.SessionConfig(num_features=3, kind=9),  # type: ignore[arg-type]
+            pb.SessionConfig(num_features=3, kind=99),  # type: ignore[arg-type]
             INVALID,
-            "config.kind: unsupported kind 9; this server implements NORM_KIND_BATCH_NORM, "
+            "config.kind: unsupported kind 99; this server implements NORM_KIND_BATCH_NORM, "
             "NORM_KIND_LAYER_NORM, NORM_KIND_GROUP_NORM, NORM_KIND_INSTANCE_NORM, "
-            "NORM_KIND_RMS_NORM",
+            "NORM_KIND_RMS_NORM, NORM_KIND_BATCH_RENORM, NORM_KIND_GHOST_BATCH_NORM, "
+            "NORM_KIND_RECURRENT_BATCH_NORM",
         ),
         (
             pb.SessionConfig(num_features=3, device="gpu0"),

@@ -27,6 +27,9 @@ class NormKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NORM_KIND_GROUP_NORM: _ClassVar[NormKind]
     NORM_KIND_INSTANCE_NORM: _ClassVar[NormKind]
     NORM_KIND_RMS_NORM: _ClassVar[NormKind]
+    NORM_KIND_BATCH_RENORM: _ClassVar[NormKind]
+    NORM_KIND_GHOST_BATCH_NORM: _ClassVar[NormKind]
+    NORM_KIND_RECURRENT_BATCH_NORM: _ClassVar[NormKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +48,9 @@ NORM_KIND_LAYER_NORM: NormKind
 NORM_KIND_GROUP_NORM: NormKind
 NORM_KIND_INSTANCE_NORM: NormKind
 NORM_KIND_RMS_NORM: NormKind
+NORM_KIND_BATCH_RENORM: NormKind
+NORM_KIND_GHOST_BATCH_NORM: NormKind
+NORM_KIND_RECURRENT_BATCH_NORM: NormKind
 MODE_UNSPECIFIED: Mode
 MODE_TRAIN: Mode
 MODE_EVAL: Mode
@@ -68,7 +74,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias", "sync")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "affine", "track_running_stats", "initial_weight", "initial_bias", "device", "allow_non_finite", "ttl_seconds", "normalized_shape", "num_groups", "bias", "renorm", "ghost_batch_size", "time_steps", "sync")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +89,9 @@ class SessionConfig(_message.Message):
     NORMALIZED_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    RENORM_FIELD_NUMBER: _ClassVar[int]
+    GHOST_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIME_STEPS_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     kind: NormKind
     num_features: int
@@ -98,8 +107,11 @@ class SessionConfig(_message.Message):
     normalized_shape: _containers.RepeatedScalarFieldContainer[int]
     num_groups: int
     bias: bool
+    renorm: BatchRenormConfig
+    ghost_batch_size: int
+    time_steps: int
     sync: SyncGroup
-    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[NormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., initial_weight: _Optional[_Union[Tensor, _Mapping]] = ..., initial_bias: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[str] = ..., allow_non_finite: _Optional[bool] = ..., ttl_seconds: _Optional[float] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., bias: _Optional[bool] = ..., renorm: _Optional[_Union[BatchRenormConfig, _Mapping]] = ..., ghost_batch_size: _Optional[int] = ..., time_steps: _Optional[int] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
 
 class SyncGroup(_message.Message):
     __slots__ = ("participants", "timeout_seconds")
@@ -116,6 +128,18 @@ class SyncStep(_message.Message):
     rank: int
     step: int
     def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class BatchRenormConfig(_message.Message):
+    __slots__ = ("rmax", "dmax", "rmax_warmup_steps", "dmax_warmup_steps")
+    RMAX_FIELD_NUMBER: _ClassVar[int]
+    DMAX_FIELD_NUMBER: _ClassVar[int]
+    RMAX_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DMAX_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    rmax: float
+    dmax: float
+    rmax_warmup_steps: int
+    dmax_warmup_steps: int
+    def __init__(self, rmax: _Optional[float] = ..., dmax: _Optional[float] = ..., rmax_warmup_steps: _Optional[int] = ..., dmax_warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "running_mean", "running_var", "weight", "bias", "create_time", "update_time", "expire_time")
@@ -242,20 +266,22 @@ class ImportStateResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class NormalizeRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "input", "statistics_only", "idempotency_key", "sync")
+    __slots__ = ("session_id", "mode", "input", "statistics_only", "idempotency_key", "time_step", "sync")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_ONLY_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIME_STEP_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     input: Tensor
     statistics_only: bool
     idempotency_key: str
+    time_step: int
     sync: SyncStep
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., time_step: _Optional[int] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ...) -> None: ...
 
 class NormalizeResponse(_message.Message):
     __slots__ = ("output", "mean", "var", "version", "batch_statistics", "replayed")
@@ -274,20 +300,22 @@ class NormalizeResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class NormalizeStreamRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key")
+    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key", "time_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_OF_BATCH_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_ONLY_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIME_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     chunk: Tensor
     end_of_batch: bool
     statistics_only: bool
     idempotency_key: str
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    time_step: int
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., time_step: _Optional[int] = ...) -> None: ...
 
 class NormalizeStreamResponse(_message.Message):
     __slots__ = ("batch_index", "chunk", "end_of_batch", "mean", "var", "version", "batch_statistics", "replayed")

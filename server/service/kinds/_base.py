@@ -2,7 +2,7 @@
 
 A kind owns its math (through ``normserve.server.ops``) and the shape of what it keeps between
 batches; the session owns ordering, validation of what is stored, and commits. Adding a kind
-(layer, group, instance, RMS norm, batch renorm, ghost batch norm) is one module here plus one
+(layer, group, instance, RMS norm, batch renorm, ghost batch norm, ...) is one module here plus one
 entry in ``kinds.KINDS``; the session and the transport stay as they are.
 """
 
@@ -38,6 +38,9 @@ class Step:
     mean: torch.Tensor
     var: torch.Tensor
     running: dict[str, torch.Tensor] | None = None
+    #: how many batches the update counts in num_batches_tracked, where a kind counts other than
+    #: one per call (ghost batch norm: one per virtual batch); None: the kind's usual count
+    batches: int | None = None
 
 
 class Normalization(ABC):
@@ -98,6 +101,22 @@ class Normalization(ABC):
                 f"{field}.dtype",
                 f"expected float32, float16, bfloat16 or float64, got {str(x.dtype)[6:]}",
             )
+
+    def at(self, time_step: int) -> Normalization:
+        """The kind as a batch of ``time_step`` sees it: itself, for every kind but recurrent
+        batch norm (which keeps a slot per step); a time step it does not read is refused."""
+        if time_step:
+            raise InvalidArgument(
+                "time_step",
+                f"only recurrent batch norm reads it, not {self.config.kind.title}; "
+                f"leave it 0, got {time_step}",
+            )
+        return self
+
+    def view(self, state: SessionState) -> SessionState:
+        """The state as this kind's batches see it (recurrent batch norm's slot: one row of its
+        running statistics); what a batch without statistics of its own is answered with."""
+        return state
 
     @abstractmethod
     def state_keys(self) -> list[str]:
