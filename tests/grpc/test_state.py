@@ -292,3 +292,24 @@ def test_a_redis_that_refuses_the_credentials_stops_the_start(redis_server: Redi
         _server(store=f"redis://:s3cret-pass@{host}/99")
     with _server(store=f"redis://:s3cret-pass@{host}/3") as srv, Client(srv.address) as client:
         assert client.create_session(2).num_features == 2
+
+
+def test_retry_zero_is_one_try_and_the_default_retries(redis_server: RedisServer) -> None:
+    """retry=0 (and the CLI) sends a refused call once: no gRPC retry policy behind it either."""
+    with _server(store=redis_server.url) as srv:
+        with Client(srv.address) as admin:
+            sid = admin.create_session(2).session_id
+        redis_server.kill()
+
+        def unavailable() -> float:
+            value = srv.metrics.registry.get_sample_value(
+                "normserve_requests_total", {"method": "GetSession", "code": "UNAVAILABLE"}
+            )
+            return value or 0.0
+
+        with Client(srv.address, retry=0) as once, pytest.raises(UnavailableError):
+            once.get_session(sid)
+        assert unavailable() == 1
+        with Client(srv.address, timeout=1.0) as patient, pytest.raises(UnavailableError):
+            patient.get_session(sid)  # retried within its timeout, then the refusal is raised
+        assert unavailable() > 2
