@@ -359,3 +359,19 @@ def test_small_batch_pooled_statistics_equal_one_batch_norm_over_all_devices(
     # and that tolerance tells pooled statistics from local ones (they differ by ~0.6% here)
     assert twins["pooled-bn"][-1][1] != pytest.approx(twins["local-bn"][-1][1], rel=1e-3)
     no_sessions_left(client)
+
+
+def test_small_batch_starts_a_server_of_its_own_without_a_target(tmp_path: Path) -> None:
+    png, saved = tmp_path / "renorm.png", tmp_path / "renorm.json"
+    out = run_example(
+        "small_batch.py",
+        *("--variants", "batch-renorm", "--devices", "2", "--steps", "3", "--eval-every", "2"),
+        *("--out", str(png), "--json", str(saved)),
+        env={"NORMSERVE_TARGET": ""},
+    )
+    assert re.search(r"^started a normserve server on 127\.0\.0\.1:\d+$", out, re.MULTILINE), out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(saved.read_text())
+    assert list(data["curves"]) == ["batch-renorm"]
+    assert [p["step"] for p in data["curves"]["batch-renorm"]] == [0, 2, 3]
+    assert 0.0 <= data["final_accuracy"]["batch-renorm"] <= 1.0
