@@ -117,7 +117,14 @@ class ObservabilityInterceptor(WrappingInterceptor):
             return call, _current.set(call), time.perf_counter()
 
         def leave(token: contextvars.Token[Any]) -> None:
-            _current.reset(token)
+            try:
+                _current.reset(token)
+            except ValueError:
+                # A streaming handler's generator closed from another task (grpc finalizing a
+                # stream its client left): the call's context is not this one, and nothing in
+                # this one was set; resetting raised "created in a different Context" as an
+                # unretrieved task exception.
+                pass
             if m is not None and inflight is not None:
                 inflight.dec()
                 if is_stream:
