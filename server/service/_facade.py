@@ -393,7 +393,28 @@ class NormalizerService:
         kind = session.kind
         moments = kind.chunk_statistics(x, None)  # [C]-sized: float64 Chan merges after
         count = x.numel() // x.shape[1]
-        shape = list(x.shape)
+        t_wait = perf_counter()
+        fwd, replayed = await self.sync_forward(session, moments, count, list(x.shape), sync)
+        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
+        out = None
+        if not statistics_only:
+            if fwd.prepared is None or x.numel() == 0:
+                out = torch.empty_like(x)
+            else:
+                out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
+        step = fwd.step.value
+        compute = perf_counter() - t0 - waited
+        session.touch()
+        mean, var = step.mean.float(), step.var.float()
+        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
+
+    async def sync_forward(
+        self, session: Session, moments: Any, count: int, shape: list[int], sync: SyncStep
+    ) -> tuple[_SyncForward, bool]:
+        """One participant's forward statistics (``moments`` over ``count`` values per channel
+        of a batch shaped ``shape``) through the group's rendezvous; returns the step's global
+        statistics, durable, and whether they were a completed step's, replayed. Unary and
+        streamed batches join the same way."""
 
         async def combine(parts: list[tuple[Any, int]]) -> _SyncForward:
             merged = None
@@ -408,23 +429,11 @@ class NormalizerService:
                 )
             return await self.compute(self._sync_commit, session, merged, [total, *shape[1:]])
 
-        t_wait = perf_counter()
         fwd, replayed = await session_group(self, session).forward.gather(
             sync, (moments, count), combine
         )
-        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
         await self.durable(fwd.step.durable)
-        out = None
-        if not statistics_only:
-            if fwd.prepared is None or x.numel() == 0:
-                out = torch.empty_like(x)
-            else:
-                out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
-        step = fwd.step.value
-        compute = perf_counter() - t0 - waited
-        session.touch()
-        mean, var = step.mean.float(), step.var.float()
-        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
+        return fwd, replayed
 
     @staticmethod
     def _sync_commit(session: Session, merged: Any, shape: list[int]) -> _SyncForward:

@@ -211,7 +211,7 @@ def test_eval_is_unsynchronized_and_train_without_sync_is_refused(
         with pytest.raises(InvalidArgument) as err:
             await service.normalize(NormalizeCall(sid, lambda: Mode.TRAIN, lambda: x), lambda r: r)
         assert err.value.field == "sync"
-        with pytest.raises(InvalidArgument, match="cannot come on a stream"):
+        with pytest.raises(InvalidArgument, match=r"NormalizeStreamRequest\.sync on a stream"):
             service.sessions.get(sid).start_batch(Mode.TRAIN)
         other = (await service.create_session(SessionConfig(3))).session.session_id
         with pytest.raises(InvalidArgument, match="is not synchronized"):
