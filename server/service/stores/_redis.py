@@ -397,6 +397,13 @@ class RedisStore:
             ms = self._redis.pttl(self._s(key))
         return None if ms < 0 else time.time() + ms / 1000.0
 
+    def rendezvous(self) -> Any:
+        """The rendezvous of synchronized sessions through this Redis, so that a group's
+        participants may reach any process or replica on it (see ``_redis_groups``)."""
+        from normserve.server.service._redis_groups import RedisGroups  # it builds on sessions
+
+        return RedisGroups(self._redis, self._ns, self.url)
+
     def close(self) -> None:
         self._redis.close()
         self._pool.disconnect()
