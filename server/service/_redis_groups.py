@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,11 +48,20 @@ import redis
 import torch
 
 from normserve.server import ops
-from normserve.server.service._errors import Aborted, InvalidArgument, ServiceError, Unavailable
+from normserve.server.service._errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from normserve.server.service._groups import REMEMBERED, SyncStep
-from normserve.server.service.stores._codec import CorruptData, frame, unframe
+from normserve.server.service._sync_codec import pack, pack_moments, unpack, unpack_moments
+from normserve.server.service.stores._codec import CorruptData
 
-__all__ = ["KEY_TTL", "POLL", "RedisGroups", "pack", "unpack"]
+__all__ = ["KEY_TTL", "POLL", "RedisGroups"]
 
 log = logging.getLogger("normserve.sync")
 
@@ -64,98 +72,27 @@ POLL = 0.5
 #: Seconds a group's keys outlive their last write (at least; 4 group timeouts if longer).
 KEY_TTL = 3600.0
 
-# ---- contributions and results as bytes: never pickle
 
-_MAGIC = b"NSg1"
-_HEAD = struct.Struct("<4sBB")
-_TENSOR = struct.Struct("<BI")
-_DTYPES = {1: torch.float32, 2: torch.float64}
-_CODES = {v: k for k, v in _DTYPES.items()}
-
-
-def pack(ints: list[int], tensors: list[torch.Tensor | None]) -> bytes:
-    """Integers and 1-D float32/float64 tensors (or None) as framed bytes (little-endian)."""
-    parts = [_HEAD.pack(_MAGIC, len(ints), len(tensors)), struct.pack(f"<{len(ints)}q", *ints)]
-    for t in tensors:
-        if t is None:
-            parts.append(_TENSOR.pack(0, 0))
-            continue
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        parts.append(_TENSOR.pack(_CODES[t.dtype], t.numel()))
-        parts.append(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
-    return frame(b"".join(parts))
-
-
-def unpack(blob: bytes) -> tuple[list[int], list[torch.Tensor | None]]:
-    """``pack``'s bytes back; CorruptData if they are not."""
-    payload, end = unframe(blob)
-    if end != len(blob):
-        raise CorruptData(f"{len(blob) - end} unexpected bytes after the frame")
-    try:
-        magic, n_ints, n_tensors = _HEAD.unpack_from(payload, 0)
-        if magic != _MAGIC:
-            raise CorruptData(f"not a sync contribution (magic {magic!r})")
-        at = _HEAD.size
-        ints = list(struct.unpack_from(f"<{n_ints}q", payload, at))
-        at += 8 * n_ints
-        tensors: list[torch.Tensor | None] = []
-        for _ in range(n_tensors):
-            code, numel = _TENSOR.unpack_from(payload, at)
-            at += _TENSOR.size
-            if code == 0:
-                tensors.append(None)
-                continue
-            dtype = _DTYPES.get(code)
-            if dtype is None:
-                raise CorruptData(f"unknown dtype code {code}")
-            size = numel * (4 if dtype == torch.float32 else 8)
-            if at + size > len(payload):
-                raise CorruptData("truncated tensor")
-            raw = bytearray(payload[at : at + size])
-            tensors.append(
-                torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-            )
-            at += size
-    except struct.error as err:
-        raise CorruptData(f"truncated: {err}") from None
-    if at != len(payload):
-        raise CorruptData(f"{len(payload) - at} unexpected bytes")
-    return ints, tensors
-
-
-def pack_moments(m: ops.Moments | None, ints: list[int]) -> bytes:
-    """Moments (count, mean, M2, pivot) or None, followed by ``ints``."""
-    if m is None:
-        return pack([-1, *ints], [])
-    return pack([m.count, *ints], [m.mean.double(), m.m2.double(), m.pivot])
-
-
-def unpack_moments(blob: bytes, device: torch.device) -> tuple[ops.Moments | None, list[int]]:
-    ints, ts = unpack(blob)
-    if not ints:
-        raise CorruptData("no count")
-    if ints[0] < 0:
-        return None, ints[1:]
-    if len(ts) != 3 or ts[0] is None or ts[1] is None:
-        raise CorruptData("moments need a mean and an M2")
-    pivot = None if ts[2] is None else ts[2].to(device)
-    return ops.Moments(ints[0], ts[0].to(device), ts[1].to(device), pivot), ints[1:]
+#: The errors a combine may end a step with, as they travel to every waiting participant.
+_ERRORS: dict[str, type[ServiceError]] = {
+    c.__name__: c for c in (Aborted, Unavailable, NotFound, FailedPrecondition, ResourceExhausted)
+}
 
 
 def _error(err: ServiceError) -> bytes:
-    field = err.field if isinstance(err, InvalidArgument) else ""
-    code = "I" if isinstance(err, InvalidArgument) else "U" if isinstance(err, Unavailable) else "A"
-    return f"{code}\n{field}\n{err}".encode()
+    """An error as the step's participants in every process will raise it (see ``_raise``)."""
+    if isinstance(err, InvalidArgument):
+        return f"InvalidArgument\n{err.field}\n{err}".encode()
+    name = next((n for n, c in _ERRORS.items() if isinstance(err, c)), "Aborted")
+    return f"{name}\n\n{err}".encode()
 
 
 def _raise(why: bytes) -> ServiceError:
-    code, field, message = why.decode(errors="replace").split("\n", 2)
-    if code == "I":
-        # InvalidArgument's str is "field: message"; give it back as it was raised
+    name, field, message = why.decode(errors="replace").split("\n", 2)
+    if name == "InvalidArgument":
+        # its str is "field: message": give it back as it was raised
         return InvalidArgument(field, message.removeprefix(f"{field}: "))
-    if code == "U":
-        return Unavailable(message)
-    return Aborted(message)
+    return _ERRORS.get(name, Aborted)(message)
 
 
 # ---- the scripts
@@ -268,11 +205,11 @@ local r = redis.call('HMGET', h, 'st', 'a', 'res', 'dl', 'lease')
 if r[1] == 'd' then return {'done', r[3]} end
 local a = tonumber(r[2] or '0')
 if a ~= tonumber(ARGV[1]) then
-  return {'ended', redis.call('HGET', h, 'w' .. ARGV[1]) or 'A\\n\\nthe step ended'}
+  return {'ended', redis.call('HGET', h, 'w' .. ARGV[1]) or 'Aborted\\n\\nthe step ended'}
 end
 local now = now_us()
 if r[1] == 'c' then return {'closed', tonumber(r[5]) - now} end
-if not r[4] then return {'ended', 'A\\n\\nthe step ended'} end
+if not r[4] then return {'ended', 'Aborted\\n\\nthe step ended'} end
 return {'open', tonumber(r[4]) - now}
 """
 )
@@ -453,7 +390,7 @@ class RedisPhase(Generic[T]):
     def _timed_out(self, step: int) -> str:
         """The message of a timed-out step, as an error (see _raise); Lua fills in the ranks."""
         return (
-            f"A\n\n{self.name} step {step} of {self.what}: @N@ of {self.participants} "
+            f"Aborted\n\n{self.name} step {step} of {self.what}: @N@ of {self.participants} "
             f"participants (ranks @R@) did not arrive within {self.timeout:g} seconds; nothing "
             "was applied"
         )
@@ -476,23 +413,32 @@ class RedisPhase(Generic[T]):
         h = f"{self._prefix}{padded}"
         blob = self._encode(contribution)
         timed_out = self._timed_out(step)
-        answer = await self._g.call(
-            self._g.arrive,
-            [h, self._last, self._remembered],
-            [
-                rank,
-                self.participants,
-                blob,
-                self._timeout_us,
-                padded,
-                self._ttl_ms,
-                self._timeout_us,
-                timed_out,
-                self._g.channel,
-            ],
-            sync,
-            self,
+        arriving = asyncio.ensure_future(
+            self._g.call(
+                self._g.arrive,
+                [h, self._last, self._remembered],
+                [
+                    rank,
+                    self.participants,
+                    blob,
+                    self._timeout_us,
+                    padded,
+                    self._ttl_ms,
+                    self._timeout_us,
+                    timed_out,
+                    self._g.channel,
+                ],
+                sync,
+                self,
+            )
         )
+        try:
+            answer = await asyncio.shield(arriving)
+        except asyncio.CancelledError:
+            # cancelled while its arrival was on the way: once it lands, leave the step as a
+            # waiting participant would (or combine it, if it was the last to arrive)
+            arriving.add_done_callback(lambda f: self._arrived_gone(f, h, padded, combine, sync))
+            raise
         kind = answer[0]
         if kind == b"done":
             return self._decode_result(answer[1]), True
@@ -514,6 +460,34 @@ class RedisPhase(Generic[T]):
         if kind == b"combine":
             self._g.spawn(self._combine(h, padded, attempt, list(answer[2:]), combine, sync))
         return await self._wait(h, padded, attempt, combine, sync)
+
+    def _arrived_gone(
+        self,
+        arrived: asyncio.Future[Any],
+        h: str,
+        padded: str,
+        combine: Callable[[list[Any]], Awaitable[T]],
+        sync: SyncStep,
+    ) -> None:
+        if arrived.cancelled() or arrived.exception() is not None:
+            return
+        answer = arrived.result()
+        if answer[0] == b"combine":
+            self._g.spawn(self._combine(h, padded, int(answer[1]), list(answer[2:]), combine, sync))
+        elif answer[0] == b"wait":
+            self._leave(h, int(answer[1]), sync)
+
+    def _leave(self, h: str, attempt: int, sync: SyncStep) -> None:
+        """Aborts the step's open attempt for all: this participant's call was cancelled."""
+        why = _error(
+            Aborted(
+                f"participant {sync.rank} left {self.name} step {sync.step} of {self.what} "
+                "(its call was cancelled); nothing was applied, send the step again"
+            )
+        )
+        self._g.fire(
+            self._g.abort, [h], [attempt, why, "cancel", self._g.channel, 0, 0, self._ttl_ms]
+        )
 
     async def _wait(
         self,
@@ -562,15 +536,7 @@ class RedisPhase(Generic[T]):
                 with suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, POLL))
         except asyncio.CancelledError:
-            why = _error(
-                Aborted(
-                    f"participant {sync.rank} left {self.name} step {sync.step} of {self.what} "
-                    "(its call was cancelled); nothing was applied, send the step again"
-                )
-            )
-            self._g.fire(
-                self._g.abort, [h], [attempt, why, "cancel", self._g.channel, 0, 0, self._ttl_ms]
-            )
+            self._leave(h, attempt, sync)
             raise
         finally:
             unwatch()

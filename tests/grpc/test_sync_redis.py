@@ -243,3 +243,30 @@ def test_redis_lost_mid_step_is_unavailable_and_the_step_applies_once(
     assert (out - ref).abs().max() < 1e-5
     with Client(pair[1].address, timeout=30) as client:
         assert client.get_session(sid).num_batches_tracked == 1
+
+
+def test_a_combine_error_reaches_every_replica(
+    pair: tuple[Server, Server], stubs: tuple[pb_grpc.NormalizerStub, ...]
+) -> None:
+    """One value per channel over the whole group: the combine refuses it, and the participant
+    on the other replica gets the same INVALID_ARGUMENT; nothing applied, the step may be sent
+    again."""
+    a, b = stubs
+    with Client(pair[0].address, timeout=30) as client:
+        sid = client.create_session(3, sync_participants=2).session_id
+        one, empty = torch.randn(1, 3), torch.randn(0, 3)
+        message = (
+            "input.shape: batch statistics need more than 1 value per channel over the group, got 1"
+        )
+        with unchanged(client, sid):
+            waiting = a.Normalize.future(_request(sid, one, 0, 0), timeout=30)
+            for call in (
+                lambda: b.Normalize(_request(sid, empty, 1, 0), timeout=30),
+                waiting.result,
+            ):
+                with expect_status(grpc.StatusCode.INVALID_ARGUMENT, message):
+                    call()
+        x, y = torch.randn(2, 3), torch.randn(3, 3)
+        first = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
+        assert b.Normalize(_request(sid, y, 1, 0), timeout=30).version == 2
+        assert first.result().version == 2
