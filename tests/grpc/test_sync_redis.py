@@ -73,10 +73,12 @@ def test_four_participants_on_two_replicas_equal_one_batch_norm(
                 got[s][r] = clients[r].normalize(sid, batches[s][r], sync=(r, s))
 
         threads = [threading.Thread(target=run, args=(r,)) for r in range(k)]
+        t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        elapsed = time.perf_counter() - t0
         bn = torch.nn.BatchNorm2d(c, affine=False)
         worst = 0.0
         for s in range(steps):
@@ -91,6 +93,10 @@ def test_four_participants_on_two_replicas_equal_one_batch_norm(
             d_mean = float((state["running_mean"] - bn.running_mean).abs().max())
             d_var = float((state["running_var"] - bn.running_var).abs().max())
             assert worst < 1e-5 and d_mean < 1e-5 and d_var < 1e-5, (worst, d_mean, d_var)
+        print(
+            f"\nK=4 over two replicas on one Redis: worst output diff {worst:.2e}, running "
+            f"mean {d_mean:.2e}, var {d_var:.2e}; {elapsed / steps * 1e3:.0f} ms a step"
+        )
 
 
 def test_remote_sync_batch_norm_over_two_replicas(pair: tuple[Server, Server]) -> None:
@@ -270,3 +276,65 @@ def test_a_combine_error_reaches_every_replica(
         first = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
         assert b.Normalize(_request(sid, y, 1, 0), timeout=30).version == 2
         assert first.result().version == 2
+
+
+def test_a_stream_leaving_aborts_the_step_on_the_other_replica(
+    pair: tuple[Server, Server], stubs: tuple[pb_grpc.NormalizerStub, ...]
+) -> None:
+    from tests.grpc.test_sync_stream import _chunks
+
+    a, b = stubs
+    with Client(pair[0].address, timeout=30) as client:
+        sid = client.create_session(3, sync_participants=3, sync_timeout=60).session_id
+        x = torch.randn(4, 3)
+        waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
+        leaving = b.NormalizeStream(iter(_chunks(sid, x, 1, 0)), timeout=30)
+        time.sleep(0.3)  # its chunked batch is complete and waits for rank 2
+        t0 = time.perf_counter()
+        leaving.cancel()
+        with expect_status(
+            grpc.StatusCode.ABORTED,
+            f"participant 1 left forward step 0 of session {sid!r} (its call was cancelled); "
+            "nothing was applied, send the step again",
+        ):
+            waiting.result()
+        assert time.perf_counter() - t0 < 5  # not the 60 s timeout
+        assert client.get_session(sid).version == 1
+
+
+def test_a_dead_combiner_is_taken_over(
+    redis_server: RedisServer,
+    pair: tuple[Server, Server],
+    stubs: tuple[pb_grpc.NormalizerStub, ...],
+) -> None:
+    """A replica that took the last arrival and died before combining leaves the step closed
+    with its lease: once the lease runs out, a waiting participant combines it."""
+    import redis
+
+    from normserve.server import ops
+    from normserve.server.service._sync_codec import pack_moments
+
+    a, b = stubs
+    with Client(pair[0].address, timeout=30) as client:
+        sid = client.create_session(3, sync_participants=2, sync_timeout=30).session_id
+    x, y = torch.randn(3, 3), torch.randn(4, 3) + 2
+    waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
+    r = redis.Redis.from_url(redis_server.url)
+    keys: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while not keys and time.monotonic() < deadline:
+        keys = [k for k in r.keys("normserve:g:*:f:*") if r.hexists(k, "p0")]
+        time.sleep(0.05)
+    assert len(keys) == 1
+    # rank 1's arrival, as its replica's script wrote it just before the replica died
+    r.hset(keys[0], mapping={"p1": pack_moments(ops.moments(y), [4]), "n": 2, "st": "c"})
+    r.hset(keys[0], "lease", 0)
+    first = waiting.result()
+    assert first.version == 2 and not first.replayed
+    ref = torch.nn.functional.batch_norm(torch.cat([x, y]), None, None, training=True)
+    assert (tensor_from_proto(first.output, "o") - ref[:3]).abs().max() < 1e-5
+    # rank 1 sends its step again (its replica never answered): the step's answer
+    second = b.Normalize(_request(sid, y, 1, 0), timeout=30)
+    assert second.replayed and second.version == 2 and second.mean == first.mean
+    assert (tensor_from_proto(second.output, "o") - ref[3:]).abs().max() < 1e-5
+    r.close()
