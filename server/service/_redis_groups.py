@@ -11,12 +11,15 @@ created again under the same id starts afresh), phase P (``f`` forward, ``b`` ba
   done), ``lease`` (until when the combiner holds the combine), ``res`` (the result), ``wA``
   (why attempt A ended: an error to raise), ``late`` and ``lateto`` (the ranks that missed a
   timed-out attempt, each answered ABORTED once if it arrives before ``lateto``);
-- ``NS:gm:{K}:U:P``, the last completed step (20-digit decimal: Lua compares the strings, so
-  steps up to 2**64 - 1 compare exactly), and ``NS:gr:{K}:U:P``, a list of the last
-  ``REMEMBERED`` completed steps, whose hashes are deleted as they fall off it.
+- the session's own hash (the store's ``NS:s:{K}``), fields ``sync:f`` and ``sync:b``: the last
+  completed step of each phase (20-digit decimal: Lua compares the strings, so steps up to
+  2**64 - 1 compare exactly); it lives and goes with the session, so a stale step is refused for
+  as long as the session lives;
+- ``NS:gr:{K}:U:P``, a list of the last ``REMEMBERED`` completed steps, whose hashes are deleted
+  as they fall off it.
 
-Every key expires ``KEY_TTL`` (or 4 timeouts, if longer) after its last write: what a deleted
-session or an abandoned group leaves goes by itself.
+The group's own keys expire ``KEY_TTL`` (or 4 timeouts, if longer) after their last write: what a
+deleted session or an abandoned group leaves goes by itself.
 
 Each change is one Lua script, so atomic: the K-th arrival closes the step and gets every
 contribution; exactly that process combines them (rank order, ``combine``), commits the running
@@ -102,8 +105,10 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- the group's keys (never the session's hash, KEYS[2]: its TTL is the session's)
 local function keep(ttl)
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if KEYS[3] then redis.call('PEXPIRE', KEYS[3], ttl) end
 end
 -- ends the open attempt: its contributions go, the next arrival starts a new one
 local function abort(h, why, late, lateto)
@@ -136,8 +141,8 @@ local function missing(h, k, template)
 end
 """
 
-# KEYS: step hash, last-step key, remembered list. ARGV: rank, K, blob, timeout us, padded step,
-# key ttl ms, lease us, timeout message (see missing()), channel.
+# KEYS: step hash, session hash, remembered list. ARGV: rank, K, blob, timeout us, padded step,
+# key ttl ms, lease us, timeout message (see missing()), channel, last-step field.
 # -> {'done', res} | {'stale', last} | {'dup'} | {'late', why} | {'wait', a, dl - now}
 #    | {'combine', a, p0, ..., pK-1}
 _ARRIVE = (
@@ -147,7 +152,7 @@ local h = KEYS[1]
 local rank, k = ARGV[1], tonumber(ARGV[2])
 local st = redis.call('HGET', h, 'st')
 if st == 'd' then return {'done', redis.call('HGET', h, 'res')} end
-local last = redis.call('GET', KEYS[2])
+local last = redis.call('HGET', KEYS[2], ARGV[10])
 if last and ARGV[5] <= last then return {'stale', last} end
 local now = now_us()
 local a = tonumber(redis.call('HGET', h, 'a') or '0')
@@ -252,8 +257,8 @@ return out
 """
 )
 
-# KEYS: step hash, last-step key, remembered list. ARGV: attempt, result, padded step, channel,
-# key ttl ms, remembered, prefix of step hashes. -> 1, or 0 (the step was not ours to finish).
+# KEYS: step hash, session hash, remembered list. ARGV: attempt, result, padded step, channel,
+# key ttl ms, remembered, prefix of step hashes, last-step field. -> 1, or 0 (the step was not ours to finish).
 _FINISH = (
     _LIB
     + """
@@ -265,8 +270,10 @@ for _, f in ipairs(fields) do
   if string.sub(f, 1, 1) == 'p' then redis.call('HDEL', h, f) end
 end
 redis.call('HSET', h, 'st', 'd', 'res', ARGV[2])
-local last = redis.call('GET', KEYS[2])
-if not last or ARGV[3] > last then redis.call('SET', KEYS[2], ARGV[3]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then  -- a session deleted meanwhile stays deleted
+  local last = redis.call('HGET', KEYS[2], ARGV[8])
+  if not last or ARGV[3] > last then redis.call('HSET', KEYS[2], ARGV[8], ARGV[3]) end
+end
 redis.call('LPUSH', KEYS[3], ARGV[3])
 local gone = redis.call('LRANGE', KEYS[3], tonumber(ARGV[6]), -1)
 for _, s in ipairs(gone) do redis.call('DEL', ARGV[7] .. s) end
@@ -369,6 +376,7 @@ class RedisPhase(Generic[T]):
         name: str,
         what: str,
         prefix: str,
+        session_hash: str,
         participants: int,
         timeout: float,
         encode: Callable[[Any], bytes],
@@ -380,7 +388,8 @@ class RedisPhase(Generic[T]):
         self.name, self.what = name, what
         self.participants, self.timeout = participants, timeout
         self._prefix = prefix  # "NS:g:{K}:U:P:"
-        self._last = prefix.replace(":g:", ":gm:", 1).rstrip(":")
+        self._last = session_hash
+        self._field = f"sync:{prefix.rstrip(':').rsplit(':', 1)[-1]}"  # sync:f, sync:b
         self._remembered = prefix.replace(":g:", ":gr:", 1).rstrip(":")
         self._encode, self._decode = encode, decode
         self._encode_result, self._decode_result = encode_result, decode_result
@@ -427,6 +436,7 @@ class RedisPhase(Generic[T]):
                     self._timeout_us,
                     timed_out,
                     self._g.channel,
+                    self._field,
                 ],
                 sync,
                 self,
@@ -568,7 +578,16 @@ class RedisPhase(Generic[T]):
             await self._g.call(
                 self._g.finish,
                 [h, self._last, self._remembered],
-                [attempt, blob, padded, self._g.channel, self._ttl_ms, REMEMBERED, self._prefix],
+                [
+                    attempt,
+                    blob,
+                    padded,
+                    self._g.channel,
+                    self._ttl_ms,
+                    REMEMBERED,
+                    self._prefix,
+                    self._field,
+                ],
             )
         except Exception:
             # Redis away, or a bug: the lease runs out and a waiting participant takes over
@@ -614,12 +633,14 @@ class RedisGroups:
         cfg = session.config
         what = f"session {session.session_id!r}"
         base = f"{self._ns}:g:{{{session.key}}}:{session.record.uid}"
+        session_hash = f"{self._ns}:s:{{{session.key}}}"  # the store's (see stores._redis)
         device = session.device
         forward: RedisPhase[Any] = RedisPhase(
             self,
             "forward",
             what,
             f"{base}:f:",
+            session_hash,
             cfg.sync_participants,
             cfg.sync_timeout,
             lambda part: pack_moments(part[0], [part[1]]),
@@ -632,6 +653,7 @@ class RedisGroups:
             "backward",
             what,
             f"{base}:b:",
+            session_hash,
             cfg.sync_participants,
             cfg.sync_timeout,
             lambda part: pack([part[2]], [part[0].float(), part[1].float()]),
