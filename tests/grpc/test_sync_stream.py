@@ -232,3 +232,25 @@ def test_async_client_streams_participants(server: Server) -> None:
             assert (torch.cat([b.output for b in big]) - ref).abs().max() < 1e-5
 
     asyncio.run(main())
+
+
+def test_remote_sync_batch_norm_with_chunked_ranks(server: Server, chunky: Client) -> None:
+    """RemoteSyncBatchNorm2d through a client that streams every batch above 256 bytes: ranks
+    of 2 to 4 samples join their steps on streams, rank 0 (1 sample) unary; outputs, running
+    statistics and gradients are one BatchNorm2d's."""
+    from tests.client.test_sync_modules import _compare, _rank
+
+    sizes = [1, 2, 3, 4]
+    got: list = [None] * 4
+
+    def run(r: int) -> None:
+        got[r] = _rank(None, "sync-chunked", r, sizes, chunky)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g is not None for g in got)
+    worst = _compare(sizes, got, chunky, "sync-chunked")
+    assert max(v for key, v in worst.items() if not key.endswith("_abs")) < 1e-5, worst
