@@ -281,7 +281,7 @@ class AsyncClient(c.ClientBase):
         key = ""
         if c.mode_value(mode) == c.mode_value("train"):
             key = idempotency_key or c.new_idempotency_key()
-        if sync is None and not tx.fits_unary(t, self.chunk_bytes):
+        if not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:
@@ -294,6 +294,7 @@ class AsyncClient(c.ClientBase):
                         metadata=metadata,
                         idempotency_keys=iter([key]),
                         time_step=time_step,
+                        sync=sync,
                     ):
                         return result
                     raise AssertionError("the stream ended without an answer")
@@ -333,13 +334,20 @@ class AsyncClient(c.ClientBase):
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
+        sync: tuple[int, int] | None = None,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order (see
         ``Client.normalize_stream``)."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         plan = tx.StreamPlan(
-            session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys, time_step
+            session_id,
+            mode,
+            statistics_only,
+            self.chunk_bytes,
+            idempotency_keys,
+            time_step,
+            sync,
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

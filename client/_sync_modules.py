@@ -9,6 +9,10 @@ statistics and gradients of one ``torch.nn.BatchNorm`` over the concatenated bat
 bias gradients are each rank's share: summed over ranks, as DDP's all-reduce does, they are the
 reference's).
 
+The ranks may reach one server, or different replicas sharing a Redis store (they meet in
+Redis); a rank's batch larger than the client's ``chunk_bytes`` is streamed in chunks and joins
+its step all the same.
+
 Every rank must run the same number of training forwards (and backwards) in the same order: the
 module counts its steps (``sync_step``); a rank that falls behind makes the step fail for all at
 the group's timeout (ABORTED). Eval forwards use the running statistics, unsynchronized. A deep

@@ -429,7 +429,7 @@ class Session:
                 field,
                 f"session {self.session_id!r} is synchronized over "
                 f"{self.config.sync_participants} participants: a TRAIN call must name its rank "
-                "and step (NormalizeRequest.sync), and cannot come on a stream",
+                "and step (NormalizeRequest.sync, or NormalizeStreamRequest.sync on a stream)",
             )
 
     @staticmethod
