@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from normserve.server.service import _device
 from normserve.server.service._config import Mode
 from normserve.server.service._errors import InvalidArgument
 from normserve.server.service._session import NormalizeResult, Session
@@ -106,7 +107,7 @@ class ChunkedBatch:
                     f"[*, {', '.join(str(d) for d in tail)}], got {describe(x.shape)}",
                 )
         if x.device != s.device:
-            x = x.to(s.device)
+            x = _device.to_device(x, s.device)
         self._rows += x.shape[0]
         out = None
         if self._batch_stats:
@@ -116,7 +117,7 @@ class ChunkedBatch:
         else:
             s.check_finite_input(x, field)
             if not self.statistics_only:
-                out = self.kind.normalize_chunk(x, None, self._state)
+                out = _device.to_host(self.kind.normalize_chunk(x, None, self._state))[0]
         self._t_compute += time.perf_counter() - t0
         return out
 
@@ -219,8 +220,10 @@ class ChunkedBatch:
                 out = torch.empty_like(x)  # as a unary participant's empty batch
             else:
                 out = kind.normalize_chunk(x, self._prepared, st)
+            host = _device.to_host(out)[0]  # pinned, waiting for this stream only (CUDA)
             self._t_compute += time.perf_counter() - t0
-            yield out
+            assert host is not None
+            yield host
 
     @property
     def compute_seconds(self) -> float:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 
 from normserve.server import ops
+from normserve.server.service import _device
 from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
 from normserve.server.service._errors import (
     FailedPrecondition,
@@ -164,7 +165,11 @@ class NormalizerService:
         self.stream_idle_timeout = stream_idle_timeout
         self.stream_buffers = stream_buffers or StreamBuffers()
         self.stages: StageObserver = stages or _NoStages()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
+        # each worker queues CUDA kernels on a stream of its own: calls overlap on the device,
+        # and a call waits for its own work only (_device)
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="compute", initializer=_device.own_streams
+        )
         self._views: dict[str, NormalizerService] = {}
         #: rendezvous of synchronized sessions (shared by every tenant's view): in this process,
         #: or through the store where it is shared across processes (Redis)
@@ -377,7 +382,11 @@ class NormalizerService:
                 return answer
         result = None
         key = call.idempotency_key
-        if self.local_store and x.numel() * x.element_size() <= INLINE_BYTES:
+        if (
+            self.local_store
+            and x.numel() * x.element_size() <= INLINE_BYTES
+            and session.device.type == "cpu"  # CUDA work goes to the workers' own streams
+        ):
             # a thread hop costs more than this work; never wait for a lock on the loop, though
             with contextlib.suppress(Busy):
                 result = session.normalize(
@@ -399,7 +408,7 @@ class NormalizerService:
         """One participant's batch of a synchronized TRAIN step (see ``_groups``)."""
         t0 = perf_counter()
         if x.device != session.device:
-            x = x.to(session.device)
+            x = _device.to_device(x, session.device)
         kind = session.kind
         moments = kind.chunk_statistics(x, None)  # [C]-sized: float64 Chan merges after
         count = x.numel() // x.shape[1]

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from normserve.server.service import _device
 from normserve.server.service._config import Mode, SessionConfig
 from normserve.server.service._errors import (
     Aborted,
@@ -251,6 +252,8 @@ class Session:
             raise self._gone() from None
         for _ in range(MAX_CONFLICTS):
             new = compute(s)
+            # on CUDA: the new state's kernels have run before another thread can read it
+            _device.wait(self.device)
             try:
                 ticket = self._store.commit(self.key, new, s.version, idempotency)
                 self.touch()
@@ -377,16 +380,18 @@ class Session:
     ) -> NormalizeResult:
         """A step as the caller sees it: float32 statistics, the compute time since ``t_start``
         (less the wait for the lock)."""
-        if self.device.type == "cuda":
-            # Kernels are asynchronous: wait so compute time is the kernels' time, not the launch's.
-            torch.cuda.synchronize(self.device)
         mean, var = step.mean, step.var
         if mean.dtype != torch.float32:
             mean, var = mean.float(), var.float()
+        output = step.output
+        if self.device.type == "cuda":
+            # into pinned host memory, waiting for this call's stream only (not the device): so
+            # compute time is the kernels' time, not the launch's
+            output, mean, var = _device.to_host(output, mean, var)  # type: ignore[assignment]
         compute = time.perf_counter() - t_start - waited
         self.touch()
         return NormalizeResult(
-            step.output, mean, var, version, batch, waited, compute, replayed, durable
+            output, mean, var, version, batch, waited, compute, replayed, durable
         )
 
     # ---- calls
@@ -408,7 +413,7 @@ class Session:
         self.check_unsynchronized(mode, "sync")
         kind = self.kind.at(time_step)
         if x.device != self.device:
-            x = x.to(self.device)
+            x = _device.to_device(x, self.device)
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):

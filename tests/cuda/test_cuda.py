@@ -89,3 +89,43 @@ def test_chunked_stream_on_cuda(gpu_server: Server) -> None:
         r = client.normalize(sid, x)
     ref = torch.nn.BatchNorm2d(16).cuda()
     torch.testing.assert_close(r.output, ref(x.cuda()).cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_concurrent_calls_on_their_own_streams_match_torch(gpu_server: Server) -> None:
+    """8 client threads, each training its own session with unary and streamed (chunked) TRAIN
+    calls then EVAL: every answer and final state as torch's. Each worker queues its kernels on
+    its own CUDA stream and waits for that stream only, so this checks that a committed state
+    is complete before another thread reads it, and that outputs are copied back whole."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(seed)
+            ref = torch.nn.BatchNorm2d(8, momentum=0.1).double()
+            with Client(gpu_server.address, chunk_bytes=64 * 1024) as client:
+                sid = client.create_session(8, momentum=0.1).session_id
+                for i in range(30):
+                    rows = 4 if i % 3 else 96  # every third batch is streamed in chunks
+                    x = torch.randn(rows, 8, 6, 6, generator=g) * (seed + 1) + seed
+                    got = client.normalize(sid, x, mode="train").output
+                    want = ref(x.double())
+                    assert (got.double() - want).abs().max().item() <= 1e-4 * (seed + 1)
+                ref.eval()
+                x = torch.randn(16, 8, 6, 6, generator=g)
+                got = client.normalize(sid, x, mode="eval").output
+                assert (got.double() - ref(x.double())).abs().max().item() <= 1e-4
+                info = client.get_session(sid)
+                torch.testing.assert_close(
+                    info.running_mean.double(), ref.running_mean, atol=1e-4, rtol=1e-5
+                )
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
