@@ -220,8 +220,9 @@ def report(results: list[KindResult], halves: list[KindResult]) -> str:
 DOC = """# Parity with torch
 
 How closely each session kind matches torch, measured by `benchmarks/parity.py` (this file is its
-`--out`; rerun it to refresh every number here). For each kind, {rounds} rounds of random configs
-and shapes (seed {seed}): several TRAIN calls, then EVAL calls, through the client's torch module
+`--out`; rerun it to refresh every number here). For each kind, {rounds} rounds of random
+configs and shapes (seed {seed}; a kind's options are cycled, so 20 rounds meet every combination
+of them): several TRAIN calls, then EVAL calls, through the client's torch module
 (`RemoteBatchNorm2d`, `RemoteLayerNorm`, ...) under autograd, each output backpropagated with a
 random gradient; the same calls go to torch's module in float64 (the reference) and in float32.
 Batch renorm, ghost and recurrent batch norm, which torch lacks, are compared with references
@@ -265,7 +266,8 @@ Reading the tables:
 def machine_line(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu_model']} ({info['cpu_count']} cores), {info['platform']}, "
-        f"Python {info['python']}, torch {info['torch']}, normserve {info['normserve']}"
+        f"Python {info['python']}, torch {info['torch']}, normserve {info['normserve']}; "
+        f"load average {', '.join(map(str, info['loadavg']))} at the end (a shared machine)"
     )
 
 
