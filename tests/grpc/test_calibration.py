@@ -3,16 +3,21 @@ every rule, every refusal's status and message, and the state unchanged after ea
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import grpc
 import pytest
 import torch
 import torch.nn.functional as F
 
-from normserve.client import Client, FailedPreconditionError, InvalidArgumentError
-from normserve.server import Server
+from normserve.client import AsyncClient, Client, FailedPreconditionError, InvalidArgumentError
+from normserve.server import Server, Settings, start_server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 from normserve.wire import tensor_from_proto, tensor_to_proto
+from tests._redis import RedisServer
 from tests.grpc._util import expect_status, unchanged
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
@@ -502,3 +507,121 @@ def test_session_messages_carry_the_new_state(stub: pb_grpc.NormalizerStub, clie
     assert bare.adapted.batches == 1 and not bare.adapted.HasField("mean")
     listed = stub.ListSessions(pb.ListSessionsRequest()).sessions[0]
     assert listed.calibration.batches == 1 and not listed.frozen
+
+
+# ---- durability: the new state is session state, kept by every store
+
+
+def _server(**settings: object) -> Server:
+    base: dict[str, object] = {"address": "127.0.0.1:0", "metrics_address": "off", "device": "cpu"}
+    return start_server(Settings(**{**base, **settings}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("durability", ["interval", "strict"])
+def test_frozen_calibration_and_adapted_survive_a_restart(tmp_path: Path, durability: str) -> None:
+    flags = {"state_dir": str(tmp_path), "durability": durability}
+    xs = _batches([5, 11, 4])
+    with _server(**flags) as srv, Client(srv.address) as client:
+        cal = client.create_session(C, session_id="cal").session_id
+        client.start_calibration(cal)
+        for x in xs[:2]:
+            client.normalize(cal, x, mode="calibrate")
+        ice = client.create_session(C, session_id="ice").session_id
+        client.normalize(ice, torch.randn(8, C), adapt=0.5, adapt_accumulate=True)
+        client.freeze(ice)
+        before = {sid: client.get_session(sid) for sid in (cal, ice)}
+    with _server(**flags) as srv, Client(srv.address) as client:
+        after = {sid: client.get_session(sid) for sid in (cal, ice)}
+        for sid in (cal, ice):
+            a, b = after[sid], before[sid]
+            assert (a.version, a.frozen, a.calibration_start, a.calibration_batches) == (
+                b.version,
+                b.frozen,
+                b.calibration_start,
+                b.calibration_batches,
+            )
+            assert a.calibration_samples == b.calibration_samples
+            assert a.adapted_batches == b.adapted_batches
+        assert after[ice].frozen and after[ice].adapted_batches == 1
+        assert torch.equal(after[ice].adapted_mean, before[ice].adapted_mean)
+        with pytest.raises(FailedPreconditionError, match="is frozen"):
+            client.normalize(ice, torch.randn(8, C))
+        # the accumulator came back exact: the calibration goes on where it stopped
+        client.normalize(cal, xs[2], mode="calibrate")
+        done = client.commit_calibration(cal)
+        mean, var = _population(xs)
+        _close(done.running_mean, mean)
+        _close(done.running_var, var)
+
+
+def test_a_second_process_on_one_redis_sees_the_new_state(redis_server: RedisServer) -> None:
+    with (
+        _server(store=redis_server.url) as a,
+        _server(store=redis_server.url) as b,
+        Client(a.address) as ca,
+        Client(b.address) as cb,
+    ):
+        sid = ca.create_session(C, session_id="shared").session_id
+        xs = _batches([6, 9, 7])
+        ca.start_calibration(sid)
+        for i, x in enumerate(xs):  # alternating replicas fold into one accumulator
+            (ca if i % 2 else cb).normalize(sid, x, mode="calibrate")
+        assert cb.get_session(sid).calibration_batches == 3
+        done = cb.commit_calibration(sid)
+        mean, var = _population(xs)
+        _close(done.running_mean, mean)
+        _close(done.running_var, var)
+        ca.normalize(sid, torch.randn(8, C), mode="eval", adapt=0.5, adapt_accumulate=True)
+        assert cb.get_session(sid).adapted_batches == 1
+        ca.freeze(sid)
+        with pytest.raises(FailedPreconditionError, match="is frozen"):
+            cb.normalize(sid, torch.randn(8, C))
+        assert cb.get_session(sid).frozen
+
+
+def test_a_frozen_synchronized_session_refuses_its_train_steps(client: Client) -> None:
+    sid = client.create_session(C, session_id="sync-ice", sync_participants=2).session_id
+    client.freeze(sid)
+    xs = [torch.randn(4, C), torch.randn(5, C)]
+    with unchanged(client, sid), ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(client.normalize, sid, xs[r], sync=(r, 0)) for r in range(2)]
+        for f in futures:
+            with pytest.raises(FailedPreconditionError) as err:
+                f.result(timeout=60)
+            assert err.value.message == (
+                "session 'sync-ice' is frozen: it refuses to apply TRAIN updates; unfreeze it "
+                "first (UnfreezeSession)"
+            )
+
+
+def test_the_async_client_calibrates_with_async_with(server: Server) -> None:
+    xs = _batches([6, 3])
+
+    async def run() -> tuple[AsyncClient, str]:
+        async with AsyncClient(server.address) as ac:
+            sid = (await ac.create_session(C)).session_id
+            async with ac.calibration(sid) as started:
+                assert started.calibrating
+                for x in xs:
+                    await ac.normalize(sid, x, mode="calibrate")
+            with pytest.raises(KeyError):
+                async with ac.calibration(sid):
+                    await ac.normalize(sid, xs[0], mode="calibrate")
+                    raise KeyError("boom")
+            info = await ac.get_session(sid)
+            assert not info.calibrating and info.calibration_batches == 0
+            mean, var = _population(xs)
+            _close(info.running_mean, mean)
+            _close(info.running_var, var)
+            await ac.freeze(sid)
+            assert (await ac.get_session(sid)).frozen
+            await ac.unfreeze(sid)
+            r = await ac.normalize(sid, xs[0], adapt=0.5, adapt_accumulate=True)
+            assert r.batch_statistics
+            assert (await ac.promote_adaptation(sid)).adapted_batches is None
+            assert (await ac.reset_adaptation(sid)).adapted_batches is None
+            await ac.start_calibration(sid)
+            assert not (await ac.abort_calibration(sid)).calibrating
+            return ac, sid
+
+    asyncio.run(run())
