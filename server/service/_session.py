@@ -255,8 +255,24 @@ class Session:
             s = self._mine(self._store.latest(self.key))
         except KeyError:
             raise self._gone() from None
+        fresh = not self._store.shared  # a shared store's latest may be this process's last view
         for _ in range(MAX_CONFLICTS):
-            new = compute(s)
+            try:
+                new = compute(s)
+            except (FailedPrecondition, _Same):
+                if fresh:
+                    raise
+                # a refusal (or a no-op) decided on a view that another process may have moved
+                # past (frozen, calibrating, adapted): decide again on the store's current state
+                fresh = True
+                try:
+                    current = self._mine(self._store.read(self.key, touch=False))
+                except KeyError:
+                    raise self._gone() from None
+                if current.version == s.version:
+                    raise
+                s = current
+                continue
             try:
                 ticket = self._store.commit(self.key, new, s.version, idempotency)
                 self.touch()
@@ -271,6 +287,7 @@ class Session:
                         "applied"
                     ) from None
                 s = self._mine(conflict.current)
+                fresh = True
         raise Aborted(
             f"session {self.session_id!r}: {MAX_CONFLICTS} updates from other processes won "
             "the race for this one; nothing was applied, retry"

@@ -563,6 +563,7 @@ def test_a_second_process_on_one_redis_sees_the_new_state(redis_server: RedisSer
     ):
         sid = ca.create_session(C, session_id="shared").session_id
         xs = _batches([6, 9, 7])
+        cb.normalize(sid, torch.randn(8, C))  # b's last view: not calibrating
         ca.start_calibration(sid)
         for i, x in enumerate(xs):  # alternating replicas fold into one accumulator
             (ca if i % 2 else cb).normalize(sid, x, mode="calibrate")
@@ -577,6 +578,9 @@ def test_a_second_process_on_one_redis_sees_the_new_state(redis_server: RedisSer
         with pytest.raises(FailedPreconditionError, match="is frozen"):
             cb.normalize(sid, torch.randn(8, C))
         assert cb.get_session(sid).frozen
+        ca.unfreeze(sid)  # b's last view is frozen: its next update decides on the store's state
+        assert not cb.normalize(sid, torch.randn(8, C)).replayed
+        assert cb.freeze(sid).frozen  # and a freeze is not taken for a no-op
 
 
 def test_a_frozen_synchronized_session_refuses_its_train_steps(client: Client) -> None:
