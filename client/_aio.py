@@ -349,8 +349,9 @@ class AsyncClient(c.ClientBase):
         mode = c.resolve_mode(mode, adapt)
         key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
         adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
-        if sync is None and not tx.fits_unary(t, self.chunk_bytes):
-            c.check_unary(mode, adapt)
+        if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
+            c.check_unary(tx.fits_unary(t, self.max_message_bytes))
+        elif sync is None and not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:

@@ -366,13 +366,17 @@ def normalize_key(
     return ""
 
 
-def check_unary(mode: ModeName | str, adapt: float | None) -> None:
-    """Calibration and adaptation ride on Normalize only: a batch too large for one message
-    cannot be sent as one."""
-    if adapt is not None or mode_value(mode) == pb.MODE_CALIBRATE:
+def unary_only(mode: ModeName | str, adapt: float | None) -> bool:
+    """Calibration and adaptation ride on Normalize only (never streamed in chunks)."""
+    return adapt is not None or mode_value(mode) == pb.MODE_CALIBRATE
+
+
+def check_unary(fits: bool) -> None:
+    """A calibration or adaptation batch too large for one message cannot be sent."""
+    if not fits:
         raise ValueError(
             "calibration and adaptation batches must fit one message (Normalize, not a stream): "
-            "send smaller batches or raise the client's chunk_bytes"
+            "send smaller batches or raise the client's max_message_bytes (and the server's)"
         )
 
 
@@ -684,6 +688,9 @@ class ClientBase:
         self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        #: what one message may carry: calibration and adaptation batches, which are never
+        #: streamed, go unary up to it
+        self.max_message_bytes = max_message_bytes
         credentials, self._auth_metadata = connection_security(
             tls=tls,
             ca_file=ca_file,

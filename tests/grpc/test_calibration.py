@@ -478,13 +478,22 @@ def test_adaptation_refusals_change_nothing(client: Client, stub: pb_grpc.Normal
         stub.Normalize(_request(gn, x, pb.MODE_EVAL, adaptation=pb.Adaptation(batch_weight=0.5)))
 
 
-def test_the_client_refuses_adaptation_that_would_be_streamed(server: Server) -> None:
-    with Client(server.address, chunk_bytes=64) as small:
-        sid = small.create_session(C).session_id
+def test_calibration_and_adaptation_batches_go_unary_up_to_the_message_limit(
+    server: Server,
+) -> None:
+    """Larger than a stream chunk: still one Normalize call (they are never streamed)."""
+    with Client(server.address, chunk_bytes=4096) as client:
+        sid = client.create_session(C).session_id
+        x = torch.randn(4096, C)  # 64 KiB
+        client.start_calibration(sid)
+        assert client.normalize(sid, x, mode="calibrate").output.shape == x.shape
+        assert client.get_session(sid).calibration_batches == 1
+        assert client.normalize(sid, x, adapt=0.5).output.shape == x.shape
+    with Client(server.address, max_message_bytes=32768) as small:
         with pytest.raises(ValueError, match="must fit one message"):
-            small.normalize(sid, torch.randn(64, C), adapt=0.5)
+            small.normalize(sid, x, adapt=0.5)
         with pytest.raises(ValueError, match="must fit one message"):
-            small.normalize(sid, torch.randn(64, C), mode="calibrate")
+            small.normalize(sid, x, mode="calibrate")
 
 
 def test_errors_reach_the_client_as_its_own(client: Client) -> None:
