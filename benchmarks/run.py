@@ -207,18 +207,22 @@ def ends_at(last: int) -> Callable[[Any, int], bool]:
     return lambda _, k: k == last
 
 
-def compute_limit(shape: tuple[int, ...], seconds: float) -> dict[str, float]:
-    """torch's batch norm on the same batch, in this process: seconds per call, train and eval."""
-    x = torch.randn(shape)
+def compute_limit(shape: tuple[int, ...], seconds: float, device: str = "cpu") -> dict[str, float]:
+    """torch's batch norm on the same batch, in this process, on ``device``: seconds per call,
+    train and eval (on CUDA each call waits for its kernels, as a server's answer must)."""
+    x = torch.randn(shape, device=device)
     ch = shape[1]
-    mean, var, weight, bias = torch.zeros(ch), torch.ones(ch), torch.ones(ch), torch.zeros(ch)
+    mean, var = torch.zeros(ch, device=device), torch.ones(ch, device=device)
+    weight, bias = torch.ones(ch, device=device), torch.zeros(ch, device=device)
+    done = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def call(training: bool) -> None:
+        F.batch_norm(x, mean, var, weight, bias, training, 0.1, 1e-5)
+        done()
+
     with torch.no_grad():
-        train = per_call_seconds(
-            lambda: F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5), seconds
-        )
-        eval_ = per_call_seconds(
-            lambda: F.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5), seconds
-        )
+        train = per_call_seconds(lambda: call(True), seconds)
+        eval_ = per_call_seconds(lambda: call(False), seconds)
     return {"train": train, "eval": eval_}
 
 
@@ -536,13 +540,14 @@ def report(
         "## Machine and versions",
         "",
         *_table(
-            ["CPU", "cores", "RAM", "load average (1 min) at start / end"],
+            ["CPU", "cores", "RAM", "load average (1 min) at start / end", "server device"],
             [
                 [
                     str(machine.get("cpu_model")),
                     str(machine.get("cpu_count")),
                     f"{mem_gib:.1f} GiB",
                     f"{meta['load_start']:.2f} / {meta['load_end']:.2f}",
+                    str(meta["device_name"]),
                 ]
             ],
         ),
@@ -566,7 +571,8 @@ def report(
         "",
         "## How to read it",
         "",
-        "- **normserve**: `python -m normserve serve --device cpu` (default settings) in a "
+        f"- **normserve**: `python -m normserve serve --device {meta['device']}` (default "
+        "settings) in a "
         "subprocess, one fresh session per measurement, the same float32 batch sent every time.",
         "- **echo** (the transport limit): `benchmarks/echo.py`, a gRPC server with normserve's "
         "settings (16 worker threads, 16 MiB messages, no SO_REUSEPORT) that returns the raw "
@@ -712,11 +718,22 @@ def place_report(out: Path, text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~10 s smoke run (CI); numbers meaningless")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown report")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the server's sessions (and the compute limit) run; cuda writes "
+        "docs/benchmarks-gpu.md unless --out says otherwise",
+    )
+    p.add_argument("--out", help="markdown report (docs/benchmarks.md; with cuda, -gpu.md)")
     p.add_argument("--json", help="also write every result (with its HDR histogram) here")
     p.add_argument("--duration", type=float, help="seconds per measurement (3; quick 0.2)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (1; quick 0.1)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device")
+    if args.out is None:
+        args.out = str(ROOT / "docs" / f"benchmarks{'-gpu' if args.device == 'cuda' else ''}.md")
     duration = args.duration or (0.2 if args.quick else 3.0)
     warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 1.0)
     specs = plan(args.quick)
@@ -727,8 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     normserve = Proc(
-        [sys.executable, "-m", "normserve.server", "--address", "127.0.0.1:0", "--device", "cpu",
-         "--grace-seconds", "1"],
+        [sys.executable, "-m", "normserve.server", "--address", "127.0.0.1:0", "--device",
+         args.device, "--grace-seconds", "1"],
         "stderr",
         env={"NORMSERVE_METRICS_ADDRESS": "127.0.0.1:0"},  # never collide with a running server
     )  # fmt: skip
@@ -737,7 +754,10 @@ def main(argv: list[str] | None = None) -> int:
         ns_at, echo_at = normserve.wait_address(), echo.wait_address()
         log(f"normserve on {ns_at}, echo on {echo_at}; {len(specs)} measurements")
         workloads = {wl: s for wl, s in WORKLOADS.items() if any(x.workload == wl for x in specs)}
-        compute = {wl: compute_limit(s, 0.02 if args.quick else 0.5) for wl, s in workloads.items()}
+        compute = {
+            wl: compute_limit(s, 0.02 if args.quick else 0.5, args.device)
+            for wl, s in workloads.items()
+        }
         for wl, v in compute.items():
             log(f"compute {wl}: TRAIN {fmt_us(v['train'] * 1e6)}, EVAL {fmt_us(v['eval'] * 1e6)}")
         results = asyncio.run(measure_all(specs, ns_at, echo_at, duration, warmup, log, args.quick))
@@ -757,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_end": os.getloadavg()[0],
         "commit": git_commit(ROOT),
         "targets": tgts,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

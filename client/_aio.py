@@ -351,7 +351,7 @@ class AsyncClient(c.ClientBase):
         adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
         if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
             c.check_unary(tx.fits_unary(t, self.max_message_bytes))
-        elif sync is None and not tx.fits_unary(t, self.chunk_bytes):
+        elif not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:
@@ -364,6 +364,7 @@ class AsyncClient(c.ClientBase):
                         metadata=metadata,
                         idempotency_keys=iter([key]),
                         time_step=time_step,
+                        sync=sync,
                     ):
                         return result
                     raise AssertionError("the stream ended without an answer")
@@ -405,13 +406,20 @@ class AsyncClient(c.ClientBase):
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
+        sync: tuple[int, int] | None = None,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order (see
         ``Client.normalize_stream``)."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         plan = tx.StreamPlan(
-            session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys, time_step
+            session_id,
+            mode,
+            statistics_only,
+            self.chunk_bytes,
+            idempotency_keys,
+            time_step,
+            sync,
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

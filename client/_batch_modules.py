@@ -13,12 +13,12 @@ where r / sigma_B = 1 / sqrt(var + eps) of the answer's var.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from normserve.client._common import RenormLimits
-from normserve.client._modules import _RemoteBatchNorm
+from normserve.client._modules import RemoteOptions, _batch_backward, _RemoteBatchNorm
 
 __all__ = [
     "RemoteBatchRenorm1d",
@@ -31,68 +31,9 @@ __all__ = [
 ]
 
 
-def _shape(g: torch.Tensor) -> list[int]:
-    return [1, -1] + [1] * (g.dim() - 2)
-
-
-def _batch_backward(g: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
-    """Batch norm's input gradient through x_hat = (x - mean) * invstd, per channel."""
-    dims = [0, *range(2, g.dim())]
-    mean_g = g.mean(dim=dims, keepdim=True)
-    mean_gx = (g * xh).mean(dim=dims, keepdim=True)
-    return invstd.view(_shape(g)) * (g - mean_g - xh * mean_gx)
-
-
-class _Normalize(torch.autograd.Function):
-    """x -> x_hat through the server; backward is the variant's (``_train_backward``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, module: _BatchVariant, mode: str) -> torch.Tensor:  # type: ignore[override]
-        result = module.client.normalize(
-            module.session_id,
-            x,
-            mode=mode,  # type: ignore[arg-type]
-            time_step=module._time_step,
-        )
-        invstd = torch.rsqrt(result.var.to(x.device) + module.eps)
-        ctx.save_for_backward(x, result.output, invstd)
-        ctx.module = module
-        ctx.batch_statistics = result.batch_statistics
-        return result.output
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        x, x_hat, invstd = ctx.saved_tensors
-        g = grad.float()
-        if not ctx.batch_statistics:
-            dx = g * invstd.float().view(_shape(g))
-        else:
-            dx = ctx.module._train_backward(g, x, x_hat.float(), invstd.float())
-        return dx.to(grad.dtype), None, None
-
-
-class _BatchVariant(_RemoteBatchNorm):
-    #: the time step the next call names (recurrent batch norm's forward sets it)
-    _time_step = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        self._ensure_session()
-        x_hat = _Normalize.apply(x, self, "train" if self.training else "eval")
-        if self.weight is None:
-            return x_hat  # type: ignore[no-any-return]
-        shape = _shape(x)
-        y = x_hat * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)  # type: ignore[no-any-return]
-
-    def _train_backward(
-        self, g: torch.Tensor, x: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _RemoteBatchRenorm(_BatchVariant):
+class _RemoteBatchRenorm(_RemoteBatchNorm):
     _kind = "batch_renorm"
+    _backward_needs_input = True  # x_hat_B, from x itself
 
     def __init__(
         self,
@@ -107,7 +48,7 @@ class _RemoteBatchRenorm(_BatchVariant):
         dmax: float = 5.0,
         rmax_warmup_steps: int = 0,
         dmax_warmup_steps: int = 0,
-        **connection: Any,
+        **connection: Unpack[RemoteOptions],
     ) -> None:
         """Batch norm's arguments (running statistics always tracked), then batch renorm's
         limits and their warm-ups in TRAIN batches (``RenormLimits``), then
@@ -119,9 +60,10 @@ class _RemoteBatchRenorm(_BatchVariant):
         return {"renorm": self.renorm}
 
     def _train_backward(
-        self, g: torch.Tensor, x: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor
+        self, g: torch.Tensor, x: torch.Tensor | None, xh: torch.Tensor, invstd: torch.Tensor
     ) -> torch.Tensor:
         # x_hat_B from x itself: the answer's x_hat is x_hat_B * r + d
+        assert x is not None
         x64 = x.double()
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x64, dim=dims, correction=0, keepdim=True)
@@ -136,7 +78,7 @@ class _RemoteBatchRenorm(_BatchVariant):
         )
 
 
-class _RemoteGhostBatchNorm(_BatchVariant):
+class _RemoteGhostBatchNorm(_RemoteBatchNorm):
     _kind = "ghost_batch_norm"
 
     def __init__(
@@ -150,7 +92,7 @@ class _RemoteGhostBatchNorm(_BatchVariant):
         dtype: torch.dtype | None = None,
         *,
         ghost_batch_size: int,
-        **connection: Any,
+        **connection: Unpack[RemoteOptions],
     ) -> None:
         """Batch norm's arguments, then the size of the virtual batches a TRAIN batch is split
         into along dim 0, then ``RemoteBatchNorm*d``'s ``client``, ``session_id``, ... ."""
@@ -163,7 +105,7 @@ class _RemoteGhostBatchNorm(_BatchVariant):
         return {"ghost_batch_size": self.ghost_batch_size}
 
     def _train_backward(
-        self, g: torch.Tensor, x: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor
+        self, g: torch.Tensor, x: torch.Tensor | None, xh: torch.Tensor, invstd: torch.Tensor
     ) -> torch.Tensor:
         if invstd.dim() == 1:  # EVAL without running statistics: the whole batch's
             return _batch_backward(g, xh, invstd)
@@ -175,7 +117,7 @@ class _RemoteGhostBatchNorm(_BatchVariant):
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
 
 
-class RemoteRecurrentBatchNorm1d(_BatchVariant):
+class RemoteRecurrentBatchNorm1d(_RemoteBatchNorm):
     """Recurrent batch norm (Cooijmans et al. 2016) over ``[N, C]`` or ``[N, C, L]``: a slot of
     running statistics per time step on a server (``time_steps`` of them; later steps share the
     last), weight and bias shared across steps. ``forward(x, t)`` names the step."""
@@ -193,7 +135,7 @@ class RemoteRecurrentBatchNorm1d(_BatchVariant):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: torch.dtype | None = None,
-        **connection: Any,
+        **connection: Unpack[RemoteOptions],
     ) -> None:
         """Batch norm's arguments with ``time_steps`` after ``num_features`` (momentum must be
         a number: one num_batches_tracked serves every slot), then ``RemoteBatchNorm*d``'s
@@ -206,16 +148,17 @@ class RemoteRecurrentBatchNorm1d(_BatchVariant):
     def _kind_options(self) -> dict[str, Any]:
         return {"time_steps": self.time_steps}
 
+    #: the time step the next call names (set by forward)
+    _time_step = 0
+
     def forward(self, x: torch.Tensor, time_step: int = 0) -> torch.Tensor:  # type: ignore[override]
         if time_step < 0:
             raise ValueError(f"time_step must be >= 0, got {time_step}")
         self._time_step = int(time_step)
         return super().forward(x)
 
-    def _train_backward(
-        self, g: torch.Tensor, x: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor
-    ) -> torch.Tensor:
-        return _batch_backward(g, xh, invstd)
+    def _normalize_options(self) -> dict[str, Any]:
+        return {"time_step": self._time_step}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, time_steps={self.time_steps}"

@@ -22,21 +22,17 @@ from normserve.client._modules import _RemoteBatchNorm
 __all__ = ["recalibrate"]
 
 
-def _calibrating_forward(module: _RemoteBatchNorm) -> Callable[..., torch.Tensor]:
-    """The module's forward with MODE_CALIBRATE calls (no gradients: a statistics pass)."""
+def _calibrating(module: _RemoteBatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's x -> x_hat step as MODE_CALIBRATE calls (its forward, affine included, stays
+    its own; no gradients: a statistics pass)."""
 
-    def forward(x: torch.Tensor, time_step: int = 0) -> torch.Tensor:
-        module._check_input_dim(x)
-        result = module.client.normalize(
-            module.session_id, x, mode="calibrate", time_step=int(time_step)
-        )
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        options = module._normalize_options()  # a recurrent layer's time step
+        result = module.client.normalize(module.session_id, x, mode="calibrate", **options)
         x_hat: torch.Tensor = result.output
-        if module.weight is None:
-            return x_hat
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x_hat * module.weight.view(shape) + module.bias.view(shape)).to(x.dtype)
+        return x_hat
 
-    return forward
+    return normalize
 
 
 def _first(batch: Any) -> Any:
@@ -71,7 +67,7 @@ def recalibrate(
             started.append(module)
         for module in model.modules():
             if isinstance(module, _RemoteBatchNorm):
-                module.forward = _calibrating_forward(module)  # type: ignore[method-assign]
+                module._normalize = _calibrating(module)  # type: ignore[method-assign,assignment]
                 patched.append(module)
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -87,7 +83,7 @@ def recalibrate(
         raise
     finally:
         for module in patched:
-            del module.forward  # the class's forward again
+            del module._normalize  # the class's own again
     return {
         name: module.client.commit_calibration(module.session_id)
         for name, module in layers.values()

@@ -1,16 +1,18 @@
-"""``RemoteBatchNorm1d/2d/3d``: drop-in ``torch.nn.BatchNorm*d`` whose statistics live on a server.
+"""``_RemoteNorm``, the base of every remote normalization module, and ``RemoteBatchNorm1d/2d/3d``:
+drop-in ``torch.nn.BatchNorm*d`` whose statistics live on a server.
 
 ``client`` is a ``Client`` or a target; with a target, ``tls``, ``ca_file``, ``cert_file``,
 ``key_file`` and ``token`` (or ``token_file``) secure the connection as ``Client``'s arguments of
 the same names do.
 
-The running statistics are a server session's; weight and bias are ordinary local parameters. The
-server normalizes (x - mean) / sqrt(var + eps) and the affine transform runs locally under autograd.
-Gradients with respect to the input are computed locally from the normalized output and the
-statistics the server used, by batch norm's closed-form backward, so training matches torch.
+A module's normalization runs in a server session created without affine parameters: the server
+returns x_hat ((x - mean) / sqrt(var + eps), or the kind's) and the statistics it used; weight and
+bias are ordinary local parameters applied under autograd. Gradients with respect to the input are
+computed locally from x_hat and those statistics by the kind's closed-form backward, so training
+matches torch. Running statistics, where the kind keeps them, are the session's.
 
-How a module meets the session it names, and what copies of it hold (docs/modules.md says it for
-users):
+How a module meets the session it names, and what copies of it hold (the same for every kind;
+docs/modules.md says it for users):
 - constructed with a ``session_id`` that exists, it attaches to that session once its config
   matches (``if_exists="error"`` refuses instead); so workers share one, and a restarted job
   finds its own;
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from normserve.client._common import DEFAULT_TARGET, KindName, SessionInfo
 from normserve.client._errors import AlreadyExistsError, NotFoundError
@@ -41,38 +44,63 @@ __all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d"]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 IfExists = Literal["attach", "error"]
+# a config check names the fields that differ in this order: the kind, then SessionInfo's
+_FIELD_ORDER = {
+    n: i for i, n in enumerate(["kind", *(f.name for f in dataclasses.fields(SessionInfo))])
+}
 
 # Modules connect lazily after unpickling, possibly from several threads (nn.DataParallel replicas)
 _CONNECTING = threading.RLock()
 
 
+class RemoteOptions(TypedDict, total=False):
+    """Where a module's session lives: the keyword arguments of ``_RemoteNorm.__init__``."""
+
+    client: Client | str
+    session_id: str
+    if_exists: IfExists
+    server_device: str
+    ttl_seconds: float | None
+    tls: bool
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    token: str | None
+    token_file: str | None
+
+
 class _RemoteNormalize(torch.autograd.Function):
-    """x -> x_hat through the server; backward is batch norm's, from x_hat and the statistics."""
+    """x -> x_hat through the server; backward is the module's ``_backward``, from x_hat and the
+    statistics the server used."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, module: _RemoteBatchNorm, mode: str) -> torch.Tensor:  # type: ignore[override]
-        result = module.client.normalize(module.session_id, x, mode=mode)  # type: ignore[arg-type]
-        x_hat = result.output
-        invstd = torch.rsqrt(result.var.to(x.device) + module.eps)
-        ctx.save_for_backward(x_hat, invstd)
-        ctx.batch_statistics = result.batch_statistics
-        return x_hat
+    def forward(ctx: Any, x: torch.Tensor, module: _RemoteNorm, mode: str) -> torch.Tensor:  # type: ignore[override]
+        options = module._normalize_options()
+        result = module.client.normalize(module.session_id, x, mode=mode, **options)  # type: ignore[arg-type]
+        invstd = torch.rsqrt(result.var.to(x.device) + module._eps_for(x.dtype))
+        ctx.save_for_backward(x if module._backward_needs_input else None, result.output, invstd)
+        ctx.module, ctx.batch_statistics = module, result.batch_statistics
+        return result.output
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        x_hat, invstd = ctx.saved_tensors
-        dtype = grad.dtype
-        g, xh = grad.float(), x_hat.float()
-        shape = [1, -1] + [1] * (g.dim() - 2)
-        inv = invstd.view(shape)
-        if ctx.batch_statistics:
-            dims = [0, *range(2, g.dim())]
-            mean_g = g.mean(dim=dims, keepdim=True)
-            mean_gx = (g * xh).mean(dim=dims, keepdim=True)
-            dx = inv * (g - mean_g - xh * mean_gx)
-        else:
-            dx = g * inv
-        return dx.to(dtype), None, None
+        x, x_hat, invstd = ctx.saved_tensors
+        g, xh, inv = grad.float(), x_hat.float(), invstd.float()
+        dx = ctx.module._backward(g, x, xh, inv, ctx.batch_statistics)
+        return dx.to(grad.dtype), None, None
+
+
+def _channels(y: torch.Tensor) -> list[int]:
+    """The view that broadcasts a per-channel [C] tensor over [N, C, *]."""
+    return [1, -1] + [1] * (y.dim() - 2)
+
+
+def _batch_backward(g: torch.Tensor, xh: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """Batch norm's input gradient through x_hat = (x - mean) * invstd, per channel."""
+    dims = [0, *range(2, g.dim())]
+    mean_g = g.mean(dim=dims, keepdim=True)
+    mean_gx = (g * xh).mean(dim=dims, keepdim=True)
+    return invstd.view(_channels(g)) * (g - mean_g - xh * mean_gx)
 
 
 def _env_connection(**given: Any) -> dict[str, Any]:
@@ -99,22 +127,29 @@ def _given(client: Client) -> dict[str, Any]:
     return {"given": True, "target": client.target, **options}
 
 
-class _RemoteBatchNorm(nn.Module):
-    _ranks: tuple[int, ...] = ()
-    _name = ""
-    #: the session kind; the batch-norm variants (renorm, ghost) add their fields through
-    #: ``_kind_options``
+class _RemoteNorm(nn.Module):
+    """A torch module whose normalization is a server session's (of kind ``_kind``).
+
+    Subclasses set their config attributes, call ``__init__`` (which creates or attaches to the
+    session), then make their parameters (``_init_params``); they say which attributes are the
+    session's config (``_config_fields``, or ``_session_config``), which inputs they take
+    (``_check_input``) and the kind's backward (``_backward``). The session's lifecycle, copies,
+    pickling, ``state_dict`` and ``extra_repr`` are the same for every kind, and all here."""
+
     _kind: KindName = "batch_norm"
+    eps: float | None
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    #: whether the backward needs the input itself (saved for it only then)
+    _backward_needs_input = False
+    #: the attributes that are the session's config, as create_session and SessionInfo name them
+    _config_fields: tuple[str, ...] = ()
+    #: extra_repr's: attributes shown by value, then by name
+    _repr_args: tuple[str, ...] = ()
+    _repr_kwargs: tuple[str, ...] = ()
 
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
         *,
         client: Client | str = DEFAULT_TARGET,
         session_id: str = "",
@@ -128,12 +163,12 @@ class _RemoteBatchNorm(nn.Module):
         token: str | None = None,
         token_file: str | None = None,
     ) -> None:
-        """torch's arguments, then where the statistics live: ``client`` (a ``Client``, or a
-        target with ``tls``, ``ca_file``, ``cert_file``, ``key_file`` and ``token`` or
-        ``token_file``), ``session_id`` (default: a new session, its id picked by the server),
-        ``if_exists`` (a ``session_id`` that exists: "attach" to it once its config matches
-        this module's, else ValueError naming each difference; "error": AlreadyExistsError),
-        ``server_device`` and ``ttl_seconds`` (for a session this module creates)."""
+        """Where the session lives: ``client`` (a ``Client``, or a target with ``tls``,
+        ``ca_file``, ``cert_file``, ``key_file`` and ``token`` or ``token_file``), ``session_id``
+        (default: a new session, its id picked by the server), ``if_exists`` (a ``session_id``
+        that exists: "attach" to it once its config matches this module's, else ValueError
+        naming each difference; "error": AlreadyExistsError), ``server_device`` and
+        ``ttl_seconds`` (for a session this module creates)."""
         super().__init__()
         if if_exists not in ("attach", "error"):
             raise ValueError(f"if_exists must be 'attach' or 'error', got {if_exists!r}")
@@ -145,11 +180,6 @@ class _RemoteBatchNorm(nn.Module):
             )
         if token is not None and token_file:
             raise ValueError("give either token or token_file, not both")
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
         self.session_id = session_id
         self._server_device = server_device
         self._ttl_seconds = ttl_seconds
@@ -166,14 +196,52 @@ class _RemoteBatchNorm(nn.Module):
         self._token = token  # in memory only: never pickled
         self._attached = False
         self._restore: dict[str, Any] | None = None  # see __getstate__
-        if affine:
-            kw = {"device": device, "dtype": dtype}
-            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # type: ignore[arg-type]
-            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # type: ignore[arg-type]
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
         self._attach(if_exists)
+
+    def _init_params(
+        self, shape: Any, weight: bool, bias: bool, device: Any, dtype: torch.dtype | None
+    ) -> None:
+        """``weight`` (ones) and ``bias`` (zeros) of ``shape``, each a parameter or None."""
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.ones(shape, **kw)) if weight else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(shape, **kw)) if bias else None)
+
+    # ---- what subclasses say
+
+    def _session_config(self) -> dict[str, Any]:
+        """The session's config (but kind and affine) as ``create_session`` takes it and
+        ``SessionInfo`` reports it: what is created, and compared before attaching."""
+        return {name: getattr(self, name) for name in self._config_fields}
+
+    @property
+    def _tracks(self) -> bool:
+        """Whether the session keeps running statistics: they go into ``state_dict``, pickles
+        and forks."""
+        return bool(getattr(self, "track_running_stats", False))
+
+    def _check_input(self, x: torch.Tensor) -> bool:
+        """Raises for an input of the wrong rank; True for an unbatched one (a batch dim is
+        added for the server, and taken off the output)."""
+        return False
+
+    def _normalize_options(self) -> dict[str, Any]:
+        """``Client.normalize``'s arguments beside the batch and the mode."""
+        return {}
+
+    def _eps_for(self, dtype: torch.dtype) -> float:
+        assert self.eps is not None  # only RMS norm's may be None (it says what it means)
+        return self.eps
+
+    def _backward(
+        self, g: Tensor, x: Tensor | None, xh: Tensor, invstd: Tensor, batch_statistics: bool
+    ) -> Tensor:
+        """The input's gradient from the output's ``g``, x_hat and 1 / sqrt(var + eps) of the
+        statistics the server used (``x`` only where ``_backward_needs_input``)."""
+        raise NotImplementedError
+
+    def _param_view(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``p`` shaped to broadcast over the output: per channel here."""
+        return p.view(_channels(y))
 
     # ---- the connection and the session
 
@@ -246,43 +314,30 @@ class _RemoteBatchNorm(nn.Module):
         self._attached = True
         self._restore = None
 
-    def _create(self, client: Client) -> SessionInfo:
-        info = client.create_session(
-            self.num_features,
-            session_id=self.session_id,
-            eps=self.eps,
-            momentum=self.momentum,
-            affine=False,  # weight and bias stay local, trainable
-            track_running_stats=self.track_running_stats,
-            device=self._server_device,
-            ttl_seconds=self._ttl_seconds,
+    def _new_session(self, client: Client, session_id: str, ttl: float | None) -> SessionInfo:
+        return client.create_session(
+            session_id=session_id,
             kind=self._kind,
-            **self._kind_options(),
+            affine=False,  # weight and bias stay local, trainable
+            device=self._server_device,
+            ttl_seconds=ttl,
+            **self._session_config(),
         )
+
+    def _create(self, client: Client) -> SessionInfo:
+        info = self._new_session(client, self.session_id, self._ttl_seconds)
         if self._restore:  # unpickled, and the session was gone: its statistics come back
             self._check_config(info)
             stats = {k: torch.as_tensor(v) for k, v in self._restore.items()}
             client.import_state(info.session_id, stats, strict=False)
         return info
 
-    def _kind_options(self) -> dict[str, Any]:
-        """create_session's arguments for the kind's own fields (as SessionInfo names them)."""
-        return {}
-
     def _check_config(self, info: SessionInfo) -> None:
-        wanted = {
-            "kind": self._kind,
-            "num_features": self.num_features,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "affine": False,
-            "track_running_stats": self.track_running_stats,
-            **self._kind_options(),
-        }
+        wanted = {"kind": self._kind, "affine": False, **self._session_config()}
         diffs = [
-            f"{name} is {getattr(info, name)!r} in the session, {value!r} in the module"
-            for name, value in wanted.items()
-            if getattr(info, name) != value
+            f"{name} is {getattr(info, name)!r} in the session, {wanted[name]!r} in the module"
+            for name in sorted(wanted, key=_FIELD_ORDER.__getitem__)
+            if getattr(info, name) != wanted[name]
         ]
         if not diffs:
             return
@@ -295,7 +350,7 @@ class _RemoteBatchNorm(nn.Module):
             "Use another session_id, delete that session, or build the module to match it"
         )
 
-    def connect(self, client: Client) -> _RemoteBatchNorm:
+    def connect(self, client: Client) -> _RemoteNorm:
         """Calls through ``client`` from now on (a module loaded with ``torch.load`` whose
         connection needs options the pickle could not keep), attaching to the session now.
         Returns the module."""
@@ -306,13 +361,19 @@ class _RemoteBatchNorm(nn.Module):
         self._attach("attach")
         return self
 
+    def delete_session(self) -> None:
+        """Deletes the server session (the module is unusable afterwards)."""
+        self.client.delete_session(self.session_id)
+        if self._owns_client:
+            self.client.close()
+
     # ---- copies: deepcopy forks the session, pickling keeps a reference
 
     def __getstate__(self) -> dict[str, Any]:
         """A reference to the session (no channel, no token value), plus a copy of its
         statistics that re-creates it should it be gone when the module is used again."""
         state = self.__dict__.copy()
-        if self._attached and self.track_running_stats:
+        if self._attached and self._tracks:
             # numpy arrays: pickled by value (torch.multiprocessing would share these fleeting
             # tensors through file descriptors closed before a spawned child could open them)
             exported = self.client.export_state(self.session_id)
@@ -320,9 +381,9 @@ class _RemoteBatchNorm(nn.Module):
         state.update(_client=None, _owns_client=True, _token=None, _attached=False)
         return state
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _RemoteBatchNorm:
-        """A new module with a new session, holding a copy of this one's statistics (EMA and
-        SWA copies never move the statistics of the model they copy)."""
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RemoteNorm:
+        """A new module with a new session of the same config, holding a copy of this one's
+        statistics (EMA and SWA copies never move the statistics of the model they copy)."""
         self._ensure_session()
         new = type(self).__new__(type(self))
         memo[id(self)] = new
@@ -332,58 +393,53 @@ class _RemoteBatchNorm(nn.Module):
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new.__dict__.update(keep)
         new._restore = None
-        new.session_id = self._fork(self.client)
+        client = self.client
+        new.session_id = self._new_session(client, "", self._session_ttl).session_id
+        if self._tracks:
+            client.import_state(new.session_id, client.export_state(self.session_id))
         new._attached = True
         return new
 
-    def _fork(self, client: Client) -> str:
-        info = client.create_session(
-            self.num_features,
-            eps=self.eps,
-            momentum=self.momentum,
-            affine=False,
-            track_running_stats=self.track_running_stats,
-            device=self._server_device,
-            ttl_seconds=self._session_ttl,
-        )
-        if self.track_running_stats:
-            client.import_state(info.session_id, client.export_state(self.session_id))
-        return info.session_id
-
     # ---- forward
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() not in self._ranks:
-            ranks = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"expected {ranks} input (got {x.dim()}D input)")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
+        unbatched = self._check_input(x)
+        if unbatched:  # the server's inputs have a batch dim
+            x = x.unsqueeze(0)
         self._ensure_session()
-        x_hat = _RemoteNormalize.apply(x, self, "train" if self.training else "eval")
-        if self.weight is None:
-            return x_hat
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = x_hat * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        y = self._normalize(x)
+        if self.weight is not None:
+            y = y * self._param_view(self.weight, y)
+        if self.bias is not None:
+            y = y + self._param_view(self.bias, y)
+        y = y.to(x.dtype)
+        return y.squeeze(0) if unbatched else y
 
-    # ---- the statistics live on the server
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x_hat, through the server."""
+        x_hat: torch.Tensor = _RemoteNormalize.apply(x, self, "train" if self.training else "eval")
+        return x_hat
+
+    # ---- the running statistics live on the server
 
     def reset_running_stats(self) -> None:
-        self._ensure_session()
-        self.client.reset_session(self.session_id)
+        if self._tracks:
+            self._ensure_session()
+            self.client.reset_session(self.session_id)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._ensure_session()
-        for key, value in self.client.export_state(self.session_id).items():
-            destination[prefix + key] = value
+        if self._tracks:
+            self._ensure_session()
+            for key, value in self.client.export_state(self.session_id).items():
+                destination[prefix + key] = value
 
     def _load_from_state_dict(
         self,
@@ -396,7 +452,7 @@ class _RemoteBatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         stats = {k: state_dict[prefix + k] for k in _STATS if prefix + k in state_dict}
-        if self.track_running_stats:
+        if self._tracks:
             missing_keys += [prefix + k for k in _STATS if k not in stats]
             if stats:
                 self._ensure_session()
@@ -408,18 +464,75 @@ class _RemoteBatchNorm(nn.Module):
             local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def delete_session(self) -> None:
-        """Deletes the server session (the module is unusable afterwards)."""
-        self.client.delete_session(self.session_id)
-        if self._owns_client:
-            self.client.close()
-
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"session={self.session_id!r}, target={self._connection['target']!r}"
-        )
+        args = [str(getattr(self, name)) for name in self._repr_args]
+        args += [f"{name}={getattr(self, name)}" for name in self._repr_kwargs]
+        where = f"session={self.session_id!r}, target={self._connection['target']!r}"
+        return ", ".join([*args, where])
+
+
+class _NormBase(_RemoteNorm):
+    """Batch and instance norm (torch's ``_NormBase``): per-channel weight and bias, and running
+    statistics where ``track_running_stats``."""
+
+    eps: float
+    _config_fields = ("num_features", "eps", "momentum", "track_running_stats")
+    _repr_args = ("num_features",)
+    _repr_kwargs = ("eps", "momentum", "affine", "track_running_stats")
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        """torch's arguments, then where the statistics live: ``client``, ``session_id``,
+        ``if_exists``, ... (``RemoteOptions``, as ``_RemoteNorm.__init__`` says)."""
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        super().__init__(**remote)
+        self._init_params(num_features, affine, affine, device, dtype)
+
+
+class _RemoteBatchNorm(_NormBase):
+    _ranks: tuple[int, ...] = ()
+    #: the session kind; the batch-norm variants (renorm, ghost) add their fields through
+    #: ``_kind_options``
+    _kind: KindName = "batch_norm"
+
+    def _session_config(self) -> dict[str, Any]:
+        return {**super()._session_config(), **self._kind_options()}
+
+    def _kind_options(self) -> dict[str, Any]:
+        """create_session's arguments for the kind's own fields (as SessionInfo names them)."""
+        return {}
+
+    def _check_input(self, x: torch.Tensor) -> bool:
+        if x.dim() not in self._ranks:
+            ranks = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {ranks} input (got {x.dim()}D input)")
+        return False
+
+    def _backward(
+        self, g: Tensor, x: Tensor | None, xh: Tensor, invstd: Tensor, batch_statistics: bool
+    ) -> Tensor:
+        if not batch_statistics:  # the running statistics: constants
+            return g * invstd.view(_channels(g))
+        return self._train_backward(g, x, xh, invstd)
+
+    def _train_backward(
+        self, g: torch.Tensor, x: torch.Tensor | None, xh: torch.Tensor, invstd: torch.Tensor
+    ) -> torch.Tensor:
+        """The gradient through the batch's own statistics (the variants' differ)."""
+        return _batch_backward(g, xh, invstd)
 
 
 class RemoteBatchNorm1d(_RemoteBatchNorm):

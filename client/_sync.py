@@ -331,8 +331,8 @@ class Client(c.ClientBase):
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``). A
         TRAIN batch carries ``idempotency_key`` (default: a fresh UUID), the same on every
         retry, so it is applied once. ``sync``: (rank, step) of a TRAIN batch on a synchronized
-        session (never streamed: it must fit one message). ``time_step``: the batch's step in a
-        recurrent batch norm session. ``mode="calibrate"``: a recalibration batch (see
+        session (a batch larger than ``chunk_bytes`` joins its step on a stream). ``time_step``:
+        the batch's step in a recurrent batch norm session. ``mode="calibrate"``: a recalibration batch (see
         ``calibration``). ``adapt``: an EVAL batch normalized with ``(1 - adapt)`` of the kept
         statistics and ``adapt`` of its own (mode defaults to "eval"); ``adapt_accumulate`` also
         folds it into the session's adapted statistics. Both must fit one message."""
@@ -344,7 +344,7 @@ class Client(c.ClientBase):
         adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
         if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
             c.check_unary(tx.fits_unary(t, self.max_message_bytes))
-        elif sync is None and not tx.fits_unary(t, self.chunk_bytes):
+        elif not tx.fits_unary(t, self.chunk_bytes):
             # one batch on a stream of its own, tried again as a unary call would be
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
@@ -359,6 +359,7 @@ class Client(c.ClientBase):
                             metadata=metadata,
                             idempotency_keys=iter([key]),
                             time_step=time_step,
+                            sync=sync,
                         )
                     )
                 except NormserveError as err:
@@ -400,15 +401,23 @@ class Client(c.ClientBase):
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
+        sync: tuple[int, int] | None = None,
     ) -> Iterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order. Each TRAIN
         batch carries an idempotency key (default: a fresh UUID each; ``idempotency_keys`` gives
         them, e.g. to resend batches after a failure); ``time_step``: every batch's, in a
-        recurrent batch norm session. The stream is not retried."""
+        recurrent batch norm session; ``sync``: (rank, step) of the first batch on a
+        synchronized session, each later batch the next step. The stream is not retried."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         plan = tx.StreamPlan(
-            session_id, mode, statistics_only, self.chunk_bytes, idempotency_keys, time_step
+            session_id,
+            mode,
+            statistics_only,
+            self.chunk_bytes,
+            idempotency_keys,
+            time_step,
+            sync,
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

@@ -9,6 +9,10 @@ statistics and gradients of one ``torch.nn.BatchNorm`` over the concatenated bat
 bias gradients are each rank's share: summed over ranks, as DDP's all-reduce does, they are the
 reference's).
 
+The ranks may reach one server, or different replicas sharing a Redis store (they meet in
+Redis); a rank's batch larger than the client's ``chunk_bytes`` is streamed in chunks and joins
+its step all the same.
+
 Every rank must run the same number of training forwards (and backwards) in the same order: the
 module counts its steps (``sync_step``); a rank that falls behind makes the step fail for all at
 the group's timeout (ABORTED). Eval forwards use the running statistics, unsynchronized. A deep
@@ -105,19 +109,13 @@ class _RemoteSyncBatchNorm(_RemoteBatchNorm):
         new._forked = True
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._forked:
-            return super().forward(x)
-        self._check_input_dim(x)
-        self._ensure_session()
+            return super()._normalize(x)
         step = self.sync_step
         self.sync_step += 1
-        x_hat = _SyncNormalize.apply(x, self, step)
-        if self.weight is None:
-            return x_hat
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = x_hat * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        x_hat: torch.Tensor = _SyncNormalize.apply(x, self, step)
+        return x_hat
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}"

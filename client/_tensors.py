@@ -172,11 +172,14 @@ class StreamPlan:
         chunk_bytes: int,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
+        sync: tuple[int, int] | None = None,
     ) -> None:
         """``idempotency_keys``: one per TRAIN batch (default: a fresh UUID each);
-        ``time_step``: every batch's (recurrent batch norm)."""
+        ``time_step``: every batch's (recurrent batch norm); ``sync``: (rank, step) of the first
+        batch of a synchronized session, the i-th batch taking step + i."""
         self.session_id = session_id
         self.time_step = time_step
+        self._sync = sync
         self.mode = mode_value(mode)
         self._keys = idempotency_keys
         self.statistics_only = statistics_only
@@ -210,6 +213,9 @@ class StreamPlan:
         key = ""
         if self.mode == mode_value("train"):
             key = next(self._keys) if self._keys is not None else new_idempotency_key()
+        sync = self._sync
+        if sync is not None:
+            self._sync = (sync[0], sync[1] + 1)
         for i, start in enumerate(starts):
             chunk = x[start : start + rows]
             if i == 0:
@@ -221,6 +227,7 @@ class StreamPlan:
                     self.statistics_only,
                     key,
                     self.time_step,
+                    sync,
                 )
             else:
                 yield wire.encode_stream_request("", 0, chunk, i == last, False)

@@ -231,6 +231,7 @@ def _reencode_stream_request(raw: bytes) -> bytes:
         f.statistics_only,
         f.idempotency_key,
         f.time_step,
+        f.sync,
     )
 
 
@@ -310,6 +311,12 @@ def test_sync_step_is_read_present_even_at_rank_and_step_zero() -> None:
         assert wire.parse_normalize_request(raw).sync == (rank, step)
         assert _reencode_request(raw) == raw
     assert wire.parse_normalize_request(pb.NormalizeRequest().SerializeToString()).sync is None
+    for rank, step in ((0, 0), (7, 2**64 - 1)):
+        smsg = pb.NormalizeStreamRequest(session_id="s", sync=pb.SyncStep(rank=rank, step=step))
+        raw = smsg.SerializeToString()
+        assert wire.parse_stream_request(raw).sync == (rank, step)
+        assert _reencode_stream_request(raw) == raw
+    assert wire.parse_stream_request(b"").sync is None
 
 
 def test_adaptation_is_read_present_even_at_its_defaults() -> None:

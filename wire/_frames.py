@@ -76,6 +76,7 @@ HANDLED: dict[str, frozenset[str]] = {
             "statistics_only",
             "idempotency_key",
             "time_step",
+            "sync",
         }
     ),
     "NormalizeStreamResponse": frozenset(
@@ -223,7 +224,7 @@ class NormalizeFrame:
     end_of_batch: bool = False
     has_tensor: bool = False
     idempotency_key: str = ""
-    #: NormalizeRequest.sync as (rank, step); None when absent
+    #: NormalizeRequest.sync (or NormalizeStreamRequest.sync) as (rank, step); None when absent
     sync: tuple[int, int] | None = None
     time_step: int = 0
     #: NormalizeRequest.adaptation as (batch_weight, accumulate); None when absent
@@ -312,6 +313,7 @@ _STREAM_REQUEST = _RequestFields(
     end_of_batch=_number(pb.NormalizeStreamRequest, "end_of_batch", _VARINT),
     idempotency_key=_number(pb.NormalizeStreamRequest, "idempotency_key", _LEN),
     time_step=_number(pb.NormalizeStreamRequest, "time_step", _VARINT),
+    sync=_number(pb.NormalizeStreamRequest, "sync", _LEN),
 )
 
 
@@ -545,6 +547,7 @@ _K_SQ_END_OF_BATCH = _key(_SQ, "end_of_batch", _VARINT)
 _K_SQ_STATISTICS_ONLY = _key(_SQ, "statistics_only", _VARINT)
 _K_SQ_IDEMPOTENCY_KEY = _key(_SQ, "idempotency_key", _LEN)
 _K_SQ_TIME_STEP = _key(_SQ, "time_step", _VARINT)
+_K_SQ_SYNC = _key(_SQ, "sync", _LEN)
 
 
 def encode_stream_request(
@@ -555,6 +558,7 @@ def encode_stream_request(
     statistics_only: bool,
     idempotency_key: str = "",
     time_step: int = 0,
+    sync: tuple[int, int] | None = None,
 ) -> bytes:
     parts = [_string(_K_SQ_SESSION_ID, session_id), _scalar(_K_SQ_MODE, mode)]
     if tensor is not None:
@@ -565,6 +569,9 @@ def encode_stream_request(
         _string(_K_SQ_IDEMPOTENCY_KEY, idempotency_key),
         _scalar(_K_SQ_TIME_STEP, time_step),
     ]
+    if sync is not None:  # present even when rank and step are 0
+        body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
+        parts.append(_K_SQ_SYNC + _enc_varint(len(body)) + body)
     return b"".join(parts)
 
 

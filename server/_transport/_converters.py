@@ -294,6 +294,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[C
             mode,
             req.idempotency_key,
             req.time_step,
+            None if req.sync is None else SyncStep(*req.sync),
         )
         yield chunk, len(raw)
 

@@ -8,6 +8,7 @@ only it knows: the session's kind and the mode (as labels) and the stage times o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import itertools
@@ -117,7 +118,12 @@ class ObservabilityInterceptor(WrappingInterceptor):
             return call, _current.set(call), time.perf_counter()
 
         def leave(token: contextvars.Token[Any]) -> None:
-            _current.reset(token)
+            # A streaming handler's generator may be closed from another task (grpc finalizing
+            # a stream its client left): the call's context is not that one, and nothing in it
+            # was set; resetting raised "created in a different Context" as an unretrieved task
+            # exception.
+            with contextlib.suppress(ValueError):
+                _current.reset(token)
             if m is not None and inflight is not None:
                 inflight.dec()
                 if is_stream:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -19,6 +21,32 @@ __all__ = [
     "reduce_dims",
     "update_running",
 ]
+
+#: Which kernels CUDA batches go through: "triton" (ops._triton, where Triton is installed and the
+#: batch's dtype and layout suit it) or "torch" (torch's own kernels, always).
+CUDA_KERNELS = os.environ.get("NORMSERVE_CUDA_KERNELS", "triton")
+#: Tests only: run the Triton kernels on CPU tensors too (with TRITON_INTERPRET=1, Triton's
+#: interpreter), so that the CUDA path's dispatch is exercised where there is no GPU.
+_KERNELS_ON_CPU = False
+_triton: ModuleType | bool | None = False  # False: not tried yet; None: unavailable
+
+
+def _kernels(x: torch.Tensor) -> ModuleType | None:
+    """ops._triton when it takes ``x`` (a CUDA batch of a dtype and layout it reads in place)."""
+    global _triton
+    if CUDA_KERNELS != "triton" or (x.device.type != "cuda" and not _KERNELS_ON_CPU):
+        return None
+    if _triton is False:
+        try:
+            from normserve.server.ops import _triton as module
+
+            _triton = module
+        except ImportError:  # no Triton: torch's kernels
+            _triton = None
+    if _triton is None or not _triton.applicable(x):  # type: ignore[union-attr]
+        return None
+    return _triton  # type: ignore[return-value]
+
 
 # Statistics are accumulated and merged in float64: [C]-sized, so the cost is nil, and merging many
 # chunks in float32 would lose the precision the pivot shift below wins.
@@ -94,7 +122,13 @@ def batch_norm_train(
     kernel is accurate to ~1e-6 even when the pivot is an outlier. On CUDA, where a kernel costs
     microseconds and a host-side check a synchronization, the batch is always shifted. The
     variance is recovered from the kernel's 1/sqrt(var + eps), to ~1e-7 of (var + eps).
+
+    On CUDA with Triton (``CUDA_KERNELS``), ops._triton does the same in three passes at memory
+    speed (one launch for a small [N, C] batch), always pivot-shifted.
     """
+    kernels = _kernels(x)
+    if kernels is not None:
+        return kernels.batch_norm_train(x, weight, bias, eps, running, factor)  # type: ignore[no-any-return]
     work = _work(x)
     if work.numel() == 0:
         return _empty_batch(x, running)
@@ -229,7 +263,12 @@ def moments(x: torch.Tensor) -> Moments:
     """Per-channel moments of ``x`` ([N, C, *]) without normalizing it (chunks of a streamed batch,
     statistics-only calls). Sums of pivot-shifted values, widened to float64 for merging: shifted
     values sit near zero, so float32 sums keep their precision where the data's mean dwarfs its
-    spread. Each sum is one fast reduction (torch.var_mean's Welford kernel is 5-10x slower)."""
+    spread. Each sum is one fast reduction (torch.var_mean's Welford kernel is 5-10x slower).
+    On CUDA with Triton: one pass (ops._triton)."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        count, mean64, m2, pivot, _, _ = kernels.moments_sums(x)
+        return Moments(count, mean64, m2, pivot)
     work = _work(x)
     dims = reduce_dims(work)
     count = work.numel() // work.shape[1]
@@ -278,8 +317,12 @@ def normalize(
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, in x's dtype.
 
     Uses torch's own inference kernel so the arithmetic is torch's (float16/bfloat16 inputs with
-    float32 statistics are computed in float32, as torch does).
+    float32 statistics are computed in float32, as torch does). On CUDA with Triton: ops._triton's
+    kernel, one read and one write.
     """
+    kernels = _kernels(x)
+    if kernels is not None:
+        return kernels.normalize(x, mean, var, weight, bias, eps)  # type: ignore[no-any-return]
     if x.dtype == torch.float64:
         mean, var = mean.double(), var.double()
         weight = None if weight is None else weight.double()
@@ -313,6 +356,10 @@ def normalize_batch(
     statistics; others in float32, around ``shift`` (``batch_shift(m)``) where a channel is
     ill-conditioned, since x - shift is exact in float32 (Sterbenz) while rounding the mean to
     float32 first would cost up to |mean| * 2^-24 / std of relative error."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        mean_d = m.mean if shift is None else m.mean - shift.to(m.mean.dtype)
+        return kernels.normalize(x, mean_d, m.var, weight, bias, eps, pivot=shift)  # type: ignore[no-any-return]
     work, mean, var = _work(x), m.mean, m.var
     if shift is not None:
         work = work - _broadcast(shift, work.dim())

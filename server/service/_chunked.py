@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -48,6 +49,8 @@ class ChunkedBatch:
         self._prepared: Any = None
         self._state = session.state
         self._batch_stats = self.kind.uses_batch_statistics(mode)
+        #: normalized with a synchronized step's global statistics (``finish_synced``)
+        self._synced = False
 
     @property
     def keeps_chunks(self) -> bool:
@@ -171,6 +174,36 @@ class ChunkedBatch:
         n = len(self._chunks) if self.keeps_chunks else 0
         return replace(result, compute_seconds=self._t_compute), n
 
+    def sync_contribution(self) -> tuple[Any, int, list[int]]:
+        """A synchronized TRAIN batch's share of its step: its statistics merged over its chunks,
+        its values per channel and its shape, as a unary participant's would be. Raises
+        InvalidArgument (nothing joined) if the batch is empty."""
+        first = self._first
+        if first is None:
+            raise InvalidArgument("chunk", "the batch ended without any chunk; nothing was applied")
+        shape = [self._rows, *first[1]]
+        return self._partial, math.prod(shape) // shape[1], shape
+
+    def finish_synced(self, fwd: Any, replayed: bool, waited: float) -> tuple[NormalizeResult, int]:
+        """Takes the step's global statistics (``fwd``, the facade's synchronized forward): the
+        output chunks will be normalized with them. Returns the result, and how many output
+        chunks ``outputs()`` will give, as ``finish`` does."""
+        self._synced = True
+        self._prepared, self._state = fwd.prepared, fwd.state
+        step = fwd.step.value
+        self.session.touch()
+        result = NormalizeResult(
+            None,
+            step.mean.float(),
+            step.var.float(),
+            fwd.version,
+            True,
+            waited,
+            self._t_compute,
+            replayed,
+        )
+        return result, len(self._chunks) if self.keeps_chunks else 0
+
     def outputs(self) -> Iterator[torch.Tensor]:
         """The output chunks, computed one at a time as they are taken, so the first can be on
         its way while the next is computed; each input chunk is released once normalized."""
@@ -182,7 +215,10 @@ class ChunkedBatch:
         for i in range(len(chunks)):
             t0 = time.perf_counter()
             x, chunks[i] = chunks[i], None  # type: ignore[call-overload]
-            out = kind.normalize_chunk(x, self._prepared, st)
+            if self._synced and (self._prepared is None or x.numel() == 0):
+                out = torch.empty_like(x)  # as a unary participant's empty batch
+            else:
+                out = kind.normalize_chunk(x, self._prepared, st)
             self._t_compute += time.perf_counter() - t0
             yield out
 

@@ -49,6 +49,7 @@ from normserve.server.service._session import Busy, NormalizeResult, Session
 from normserve.server.service._state import SessionState
 from normserve.server.service._stream import Chunk, StreamBuffers, StreamEncoder, serve_stream
 from normserve.server.service.stores import Ticket
+from normserve.server.service.stores._base import Idempotency
 
 if TYPE_CHECKING:
     from normserve.server.service._chunked import ChunkedBatch
@@ -168,8 +169,10 @@ class NormalizerService:
         self.stages: StageObserver = stages or _NoStages()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._views: dict[str, NormalizerService] = {}
-        #: rendezvous of synchronized sessions (shared by every tenant's view)
-        self.groups = Groups()
+        #: rendezvous of synchronized sessions (shared by every tenant's view): in this process,
+        #: or through the store where it is shared across processes (Redis)
+        rendezvous = getattr(sessions.store, "rendezvous", None)
+        self.groups: Any = rendezvous() if rendezvous is not None else Groups()
         #: the store is in this process (memory, local files): its reads and commits may run on
         #: the event loop
         self.local_store = not sessions.store.shared
@@ -197,6 +200,9 @@ class NormalizerService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        closing = getattr(self.groups, "close", None)
+        if closing is not None:
+            closing()
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn`` on the compute pool (with this context, so logs keep the request id)."""
@@ -232,7 +238,11 @@ class NormalizerService:
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> SessionView:
-        if config.sync_participants and not self.local_store:
+        if (
+            config.sync_participants
+            and not self.local_store
+            and not getattr(self.groups, "shared", False)
+        ):
             raise FailedPrecondition(
                 "config.sync: a synchronized session's participants must all reach one server "
                 "process, and this server's store is shared across processes (replicas); "
@@ -423,7 +433,28 @@ class NormalizerService:
         kind = session.kind
         moments = kind.chunk_statistics(x, None)  # [C]-sized: float64 Chan merges after
         count = x.numel() // x.shape[1]
-        shape = list(x.shape)
+        t_wait = perf_counter()
+        fwd, replayed = await self.sync_forward(session, moments, count, list(x.shape), sync)
+        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
+        out = None
+        if not statistics_only:
+            if fwd.prepared is None or x.numel() == 0:
+                out = torch.empty_like(x)
+            else:
+                out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
+        step = fwd.step.value
+        compute = perf_counter() - t0 - waited
+        session.touch()
+        mean, var = step.mean.float(), step.var.float()
+        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
+
+    async def sync_forward(
+        self, session: Session, moments: Any, count: int, shape: list[int], sync: SyncStep
+    ) -> tuple[_SyncForward, bool]:
+        """One participant's forward statistics (``moments`` over ``count`` values per channel
+        of a batch shaped ``shape``) through the group's rendezvous; returns the step's global
+        statistics, durable, and whether they were a completed step's, replayed. Unary and
+        streamed batches join the same way."""
 
         async def combine(parts: list[tuple[Any, int]]) -> _SyncForward:
             merged = None
@@ -438,27 +469,59 @@ class NormalizerService:
                 )
             return await self.compute(self._sync_commit, session, merged, [total, *shape[1:]])
 
-        t_wait = perf_counter()
-        fwd, replayed = await session_group(self, session).forward.gather(
+        group = session_group(self, session)
+        if getattr(group, "shared", False):
+            return await self._sync_forward_shared(group, session, moments, count, shape, sync)
+        fwd, replayed = await group.forward.gather(sync, (moments, count), combine)
+        await self.durable(fwd.step.durable)
+        return fwd, replayed
+
+    async def _sync_forward_shared(
+        self, group: Any, session: Session, moments: Any, count: int, shape: list[int], sync: Any
+    ) -> tuple[_SyncForward, bool]:
+        """``sync_forward`` through a rendezvous shared across processes: the combine (in
+        whichever process the last participant reached) merges and commits once per step, with
+        an idempotency key of the session and step; it publishes the merged moments and the
+        version, from which every participant derives the same statistics."""
+        key = Idempotency(f"sync:{session.record.uid}:{sync.step}", "sync-forward")
+
+        async def combine(parts: list[tuple[Any, int]]) -> tuple[Any, int, int]:
+            merged = None
+            for m, _ in parts:  # in rank order: every participant's statistics are the same bits
+                if m is not None:
+                    merged = m if merged is None else ops.merge_moments(merged, m)
+            total = sum(n for _, n in parts)
+            if total == 1:
+                raise InvalidArgument(
+                    "input.shape",
+                    "batch statistics need more than 1 value per channel over the group, got 1",
+                )
+            fwd = await self.compute(self._sync_commit, session, merged, [total, *shape[1:]], key)
+            await self.durable(fwd.step.durable)
+            return merged, total, fwd.version
+
+        (merged, total, version), replayed = await group.forward.gather(
             sync, (moments, count), combine
         )
-        waited = perf_counter() - t_wait  # the rendezvous (and the combine) as the wait stage
-        await self.durable(fwd.step.durable)
-        out = None
-        if not statistics_only:
-            if fwd.prepared is None or x.numel() == 0:
-                out = torch.empty_like(x)
-            else:
-                out = await self.compute(kind.normalize_chunk, x, fwd.prepared, fwd.state)
-        step = fwd.step.value
-        compute = perf_counter() - t0 - waited
-        session.touch()
-        mean, var = step.mean.float(), step.var.float()
-        return NormalizeResult(out, mean, var, fwd.version, True, waited, compute, replayed)
+        fwd = await self.compute(self._sync_local, session, merged, [total, *shape[1:]], version)
+        return fwd, replayed
 
     @staticmethod
-    def _sync_commit(session: Session, merged: Any, shape: list[int]) -> _SyncForward:
-        """The group's merged statistics committed as one update of the running statistics."""
+    def _sync_local(session: Session, merged: Any, shape: list[int], version: int) -> _SyncForward:
+        """A step's global statistics as this participant normalizes with them (its weight and
+        bias), without committing: the combine committed them."""
+        state = session.read_state(touch=False)
+        step, prepared = session.kind.finish(
+            merged, shape, state, Mode.TRAIN, state.num_batches_tracked
+        )
+        return _SyncForward(_Committed(step, None), prepared, state, version)
+
+    @staticmethod
+    def _sync_commit(
+        session: Session, merged: Any, shape: list[int], idempotency: Idempotency | None = None
+    ) -> _SyncForward:
+        """The group's merged statistics committed as one update of the running statistics
+        (once per ``idempotency`` key, where one is given)."""
         kind = session.kind
         prepared: list[Any] = []
 
@@ -468,7 +531,9 @@ class NormalizerService:
             return step
 
         if kind.updates_running(Mode.TRAIN):
-            step, version, _, ticket, _ = session.update(compute, "input", merged is None)
+            step, version, _, ticket, _ = session.update(
+                compute, "input", merged is None, idempotency=idempotency
+            )
             state = session.read_state(touch=False)
         else:
             state = session.read_state(touch=False)

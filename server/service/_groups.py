@@ -21,8 +21,9 @@ Rules (each tested in tests/service/test_groups.py and tests/grpc/test_sync.py):
   nothing applied again;
 - an aborted step is forgotten: its participants may send it again.
 
-The rendezvous is in this process: all participants of a group must reach the same server
-process. The facade refuses to create a synchronized session on a store shared across processes.
+This rendezvous is in this process, for servers whose store is their own (memory, local files).
+A server on a store shared across processes (Redis) uses ``_redis_groups`` instead, under the
+same rules, so that a group's participants may reach any of its processes or replicas.
 """
 
 from __future__ import annotations

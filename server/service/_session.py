@@ -234,6 +234,13 @@ class Session:
         except KeyError:
             raise self._gone() from None
 
+    def _latest(self) -> SessionState:
+        """The state an update would start from, without a round trip to a shared store."""
+        try:
+            return self._mine(self._store.latest(self.key))
+        except KeyError:
+            raise self._gone() from None
+
     def touch(self) -> None:
         """Counts a successful call as a use (the idle TTL starts again)."""
         self.last_used = time.time()
@@ -445,8 +452,14 @@ class Session:
         empty = x.numel() == 0
         if kind.updates_running(mode):
             idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
+            # A worker thread does the batch's work before taking the lock, so calls to one
+            # session compute in parallel; the lock orders the [C]-sized running update only.
+            # (Non-blocking calls run inline, on the event loop: nothing to overlap there.)
+            fold = (
+                kind.prepare_update(x, self._latest(), mode, statistics_only) if blocking else None
+            )
             step, version, waited, ticket, replayed = self.update(
-                lambda s, n: kind.forward(x, s, mode, statistics_only, n),
+                fold or (lambda s, n: kind.forward(x, s, mode, statistics_only, n)),
                 "input",
                 empty,
                 blocking,
@@ -468,7 +481,7 @@ class Session:
                 field,
                 f"session {self.session_id!r} is synchronized over "
                 f"{self.config.sync_participants} participants: a TRAIN call must name its rank "
-                "and step (NormalizeRequest.sync), and cannot come on a stream",
+                "and step (NormalizeRequest.sync, or NormalizeStreamRequest.sync on a stream)",
             )
 
     @staticmethod

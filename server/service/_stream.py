@@ -19,7 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from time import perf_counter
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from normserve.server.service._errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from normserve.server.service._groups import SyncStep
 from normserve.server.service._manager import shown
 from normserve.server.service._session import NormalizeResult
 
@@ -143,6 +144,8 @@ class Chunk:
     idempotency_key: str = ""
     #: recurrent batch norm: the batch's time step (read on its first chunk)
     time_step: int = 0
+    #: a synchronized TRAIN batch's rank and step (read on its first chunk; None: not synced)
+    sync: SyncStep | None = None
 
 
 #: Makes one answer message: (batch index, an output chunk or None, whether it ends the batch,
@@ -172,6 +175,8 @@ async def serve_stream(
     x: torch.Tensor | None = None
     out: torch.Tensor | None = None
     header: tuple[str, int, bool, int] = ("", 0, False, 0)
+    sync: SyncStep | None = None  # the open batch's place in a synchronized step
+    named: SyncStep | None = None  # the sync its first chunk named
     index = 0
     decode = encode_s = 0.0
     elements = sent = 0
@@ -188,13 +193,21 @@ async def serve_stream(
                 session = service.sessions.get(req.session_id)
                 mode = req.to_mode(req.mode)
                 service.stages.label(session.config.kind.value, mode.value)
-                batch = session.start_batch(
-                    mode, req.statistics_only, req.idempotency_key, req.time_step
-                )
+                named = req.sync
+                sync = _synchronized(session, mode, named)
+                if sync is None:
+                    batch = session.start_batch(
+                        mode, req.statistics_only, req.idempotency_key, req.time_step
+                    )
+                else:  # its statistics go through the group's rendezvous, not the session's
+                    from normserve.server.service._chunked import ChunkedBatch
+
+                    batch = ChunkedBatch(session, mode, req.statistics_only, "", req.time_step)
                 decode = encode_s = 0.0
                 elements = sent = 0
             else:
                 _check_header(req, header, index)
+                _check_sync(req, named, index)
             if req.tensor is not None:
                 x = req.tensor()
                 decode += perf_counter() - t0
@@ -218,8 +231,18 @@ async def serve_stream(
                     yield msg
             if req.end_of_batch:
                 service.check_batch_answer(batch, index)
-                result, count = await compute(batch.finish)
-                await service.durable(result.durable)
+                if sync is None:
+                    result, count = await compute(batch.finish)
+                    await service.durable(result.durable)
+                else:
+                    # waits for the group holding no thread; a stream cancelled meanwhile (its
+                    # client went away) aborts the step for all, as a unary participant would
+                    moments, values, shape = batch.sync_contribution()
+                    t_wait = perf_counter()
+                    fwd, replayed = await service.sync_forward(
+                        batch.session, moments, values, shape, sync
+                    )
+                    result, count = batch.finish_synced(fwd, replayed, perf_counter() - t_wait)
                 if not sent:
                     if not count:  # statistics only
                         t1 = perf_counter()
@@ -257,6 +280,20 @@ async def serve_stream(
         )
 
 
+def _synchronized(session: Any, mode: Mode, sync: SyncStep | None) -> SyncStep | None:
+    """The batch's place in a synchronized step: its sync on a TRAIN batch of a synchronized
+    session (an EVAL batch ignores it, as a unary call does); None when it joins no step."""
+    if sync is None:
+        return None
+    if not session.config.sync_participants:
+        raise InvalidArgument(
+            "sync",
+            f"session {session.session_id!r} is not synchronized (its config has no sync "
+            "group); send no sync",
+        )
+    return sync if mode is Mode.TRAIN else None
+
+
 def _check_header(req: Chunk, header: tuple[str, int, bool, int], index: int) -> None:
     session_id, mode, stats_only, time_step = header
     if req.session_id and req.session_id != session_id:
@@ -279,4 +316,14 @@ def _check_header(req: Chunk, header: tuple[str, int, bool, int], index: int) ->
             "time_step",
             f"a later chunk of batch {index} names time step {req.time_step}, the first named "
             f"{time_step}; nothing of that batch was applied",
+        )
+
+
+def _check_sync(req: Chunk, named: SyncStep | None, index: int) -> None:
+    if req.sync is not None and req.sync != named:
+        first = "none" if named is None else f"rank {named.rank} and step {named.step}"
+        raise InvalidArgument(
+            "sync",
+            f"a later chunk of batch {index} names rank {req.sync.rank} and step "
+            f"{req.sync.step}, the first named {first}; nothing of that batch was applied",
         )

@@ -268,3 +268,110 @@ def test_load_test_reports(server: Server, client: Client, tmp_path: Path) -> No
     if plot:
         assert (tmp_path / "closed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     no_sessions_left(client)
+
+
+# ---- small_batch.py: batch 2 x 4 devices, four normalizations
+
+
+def _twin_curve(
+    ex: ModuleType, variant: str, steps: int, eval_every: int, lr: float
+) -> list[tuple[float, float]]:
+    """What the example's 4 processes compute, in one process: the same initial weights, batches
+    and optimizer, the gradient of the mean loss over the 8 images of a step (DDP's average of
+    the 4 devices' means); (test accuracy, test loss) every ``eval_every`` steps. ``pooled-bn``
+    is one BatchNorm2d over all 8 images; ``local-bn`` normalizes each device's 2 alone and keeps
+    rank 0's running statistics (momentum 0 for the others); ``group-norm`` needs no batch."""
+    x_train, y_train, x_test, y_test = ex.load_data(0, 0.25)
+    world = 4
+    batches = [ex.batch_indices(len(y_train), world, r, 2, steps, 0) for r in range(world)]
+    torch.manual_seed(0)
+    model = ex.build_model(nn.BatchNorm2d if "bn" in variant else lambda c: nn.GroupNorm(4, c))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    opt = ex.optimizer(model, lr)
+    curve = []
+    for step in range(steps + 1):
+        if step % eval_every == 0:
+            curve.append(ex.evaluate(model, x_test, y_test))
+        if step == steps:
+            break
+        if variant == "local-bn":
+            losses = []
+            for r in range(world):
+                for bn in bns:
+                    bn.momentum = 0.1 if r == 0 else 0.0
+                idx = batches[r][step]
+                losses.append(nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]))
+            loss = torch.stack(losses).mean()
+        else:
+            idx = torch.cat([b[step] for b in batches])
+            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return curve
+
+
+def test_small_batch_pooled_statistics_equal_one_batch_norm_over_all_devices(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    steps, every, lr = 20, 10, 0.02
+    png, saved = tmp_path / "small_batch.png", tmp_path / "small_batch.json"
+    out = run_example(
+        "small_batch.py",
+        *("--target", server.address, "--steps", str(steps), "--eval-every", str(every)),
+        *("--lr", str(lr), "--out", str(png), "--json", str(saved)),
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    variants = ("local-bn", "pooled-bn", "group-norm", "batch-renorm")
+    table = {
+        m.group(1): (float(m.group(2)), float(m.group(3)))
+        for m in re.finditer(r"^(\S+)\s.*?\s([\d.]+)\s+([\d.]+)\s+[\d.]+$", out, re.MULTILINE)
+    }
+    assert sorted(table) == sorted(variants), out
+    data = json.loads(saved.read_text())
+    curves = {v: [(p["accuracy"], p["loss"]) for p in data["curves"][v]] for v in variants}
+    for v in variants:
+        final, quarter = table[v]
+        assert 0.0 <= final <= 1.0 and 0.0 <= quarter <= 1.0
+        assert [p["step"] for p in data["curves"][v]] == [0, 10, 20]
+        assert curves[v][-1][0] == pytest.approx(final, abs=5e-5)
+        assert data["final_accuracy"][v] == pytest.approx(final, abs=5e-5)
+        assert data["last_quarter_accuracy"][v] == pytest.approx(quarter, abs=5e-5)
+    # the untrained networks: batch norm at its start is the same local, pooled or renormed
+    for v in ("pooled-bn", "batch-renorm"):
+        assert curves[v][0] == pytest.approx(curves["local-bn"][0], rel=1e-5)
+
+    # The 4 processes against one process that does the same: pooled statistics are one batch
+    # norm over the 8 images of a step, local batch norm 4 of 2 each. Float32 rounding of the
+    # all-reduce and the server's merge may move the loss a little and flip one test image.
+    ex = load_example("small_batch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        twins = {v: _twin_curve(ex, v, steps, every, lr) for v in variants[:3]}
+    finally:
+        torch.set_num_threads(threads)
+    n_test = len(ex.load_data(0, 0.25)[3])
+    for v, twin in twins.items():
+        for (acc, loss), (twin_acc, twin_loss) in zip(curves[v], twin, strict=True):
+            assert acc == pytest.approx(twin_acc, abs=1.5 / n_test), v
+            assert loss == pytest.approx(twin_loss, rel=1e-4), v
+    # and that tolerance tells pooled statistics from local ones (they differ by ~0.6% here)
+    assert twins["pooled-bn"][-1][1] != pytest.approx(twins["local-bn"][-1][1], rel=1e-3)
+    no_sessions_left(client)
+
+
+def test_small_batch_starts_a_server_of_its_own_without_a_target(tmp_path: Path) -> None:
+    png, saved = tmp_path / "renorm.png", tmp_path / "renorm.json"
+    out = run_example(
+        "small_batch.py",
+        *("--variants", "batch-renorm", "--devices", "2", "--steps", "3", "--eval-every", "2"),
+        *("--out", str(png), "--json", str(saved)),
+        env={"NORMSERVE_TARGET": ""},
+    )
+    assert re.search(r"^started a normserve server on 127\.0\.0\.1:\d+$", out, re.MULTILINE), out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(saved.read_text())
+    assert list(data["curves"]) == ["batch-renorm"]
+    assert [p["step"] for p in data["curves"]["batch-renorm"]] == [0, 2, 3]
+    assert 0.0 <= data["final_accuracy"]["batch-renorm"] <= 1.0

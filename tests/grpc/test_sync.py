@@ -82,7 +82,8 @@ def test_the_rules_as_status_codes(server: Server, client: Client) -> None:
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"sync: session {sid!r} is synchronized over 2 participants: a TRAIN call must name "
-            "its rank and step (NormalizeRequest.sync), and cannot come on a stream",
+            "its rank and step (NormalizeRequest.sync, or NormalizeStreamRequest.sync on a "
+            "stream)",
         ):
             stub.Normalize(
                 pb.NormalizeRequest(session_id=sid, mode=pb.MODE_TRAIN, input=tensor_to_proto(x)),

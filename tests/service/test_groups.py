@@ -12,7 +12,6 @@ import torch
 
 from normserve.server.service import (
     Aborted,
-    FailedPrecondition,
     InvalidArgument,
     Mode,
     NormalizeCall,
@@ -211,7 +210,7 @@ def test_eval_is_unsynchronized_and_train_without_sync_is_refused(
         with pytest.raises(InvalidArgument) as err:
             await service.normalize(NormalizeCall(sid, lambda: Mode.TRAIN, lambda: x), lambda r: r)
         assert err.value.field == "sync"
-        with pytest.raises(InvalidArgument, match="cannot come on a stream"):
+        with pytest.raises(InvalidArgument, match=r"NormalizeStreamRequest\.sync on a stream"):
             service.sessions.get(sid).start_batch(Mode.TRAIN)
         other = (await service.create_session(SessionConfig(3))).session.session_id
         with pytest.raises(InvalidArgument, match="is not synchronized"):
@@ -262,14 +261,25 @@ def _layer_norm() -> Any:
     return Kind.LAYER_NORM
 
 
-def test_a_shared_store_refuses_groups() -> None:
+def test_the_store_chooses_the_rendezvous(redis_server: Any) -> None:
+    """A store of this process keeps the in-process rendezvous (the fast path); a Redis store,
+    shared across processes, meets participants in Redis and creates synchronized sessions."""
+    from normserve.server.service._groups import Groups
+    from normserve.server.service._redis_groups import RedisGroups
+    from normserve.server.service.stores._redis import RedisStore
+
     async def main() -> None:
-        svc = NormalizerService(SessionManager("cpu"), workers=1)
-        svc.local_store = False  # as a store shared across processes makes it
+        store = RedisStore(redis_server.url)
+        local = NormalizerService(SessionManager("cpu"), workers=1)
+        shared = NormalizerService(SessionManager("cpu", store=store), workers=1)
         try:
-            with pytest.raises(FailedPrecondition, match="must all reach one server process"):
-                await svc.create_session(SessionConfig(3, sync_participants=2))
+            assert isinstance(local.groups, Groups)
+            assert isinstance(shared.groups, RedisGroups)
+            view = await shared.create_session(SessionConfig(3, sync_participants=2))
+            assert view.session.config.sync_participants == 2
         finally:
-            svc.close()
+            local.close()
+            shared.close()
+            store.close()
 
     asyncio.run(main())

@@ -187,6 +187,54 @@ def test_concurrent_train_calls_apply_exactly_once_in_version_order(
     torch.testing.assert_close(s.state.running_var, bn.running_var, atol=1e-5, rtol=1e-5)
 
 
+def test_train_calls_compute_outside_the_lock(
+    manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TRAIN call's work over the batch runs before it takes the session's lock (calls to one
+    session compute in parallel); only the running update waits for it."""
+    from normserve.server import ops
+
+    s = manager.create(SessionConfig(4, momentum=0.1))
+    computed = threading.Event()
+    real = ops.batch_norm_train
+
+    def spy(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        computed.set()
+        return out
+
+    monkeypatch.setattr(ops, "batch_norm_train", spy)
+    x = torch.randn(8, 4, 5) * 3 + 2
+    result: list[object] = []
+    with s._lock:  # another update holds the session
+        t = threading.Thread(target=lambda: result.append(s.normalize(x, Mode.TRAIN)))
+        t.start()
+        assert computed.wait(30), "the batch was not computed while the lock was held"
+        assert not result  # ... and the call waits for the lock to fold it in
+    t.join(30)
+    bn = torch.nn.BatchNorm1d(4, momentum=0.1)
+    torch.testing.assert_close(result[0].output, bn(x), atol=1e-5, rtol=1e-5)  # type: ignore[attr-defined]
+    torch.testing.assert_close(s.state.running_var, bn.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_an_import_between_compute_and_fold_is_respected(manager: SessionManager) -> None:
+    """The batch is computed from a snapshot; if the weights change before the fold (an import),
+    the update is computed again from the state it commits to."""
+    s = manager.create(SessionConfig(3, momentum=0.5))
+    x = torch.randn(6, 3) * 2 + 1
+    fold = s.kind.prepare_update(x, s.state, Mode.TRAIN, False)
+    assert fold is not None
+    w = torch.tensor([2.0, 3.0, 4.0])
+    s.import_state({"weight": w}, strict=False)
+    step = fold(s.state, s.state.num_batches_tracked + 1)
+    bn = torch.nn.BatchNorm1d(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(w)
+    torch.testing.assert_close(step.output, bn(x), atol=1e-5, rtol=1e-5)
+    assert step.running is not None
+    torch.testing.assert_close(step.running["running_mean"], bn.running_mean)
+
+
 def test_malloc_tuning_applies_on_glibc() -> None:
     import sys
 

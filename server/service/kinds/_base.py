@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -147,6 +147,17 @@ class Normalization(ABC):
         self, x: torch.Tensor, state: SessionState, mode: Mode, statistics_only: bool, n: int
     ) -> Step:
         """One whole batch."""
+
+    def prepare_update(
+        self, x: torch.Tensor, state: SessionState, mode: Mode, statistics_only: bool
+    ) -> Callable[[SessionState, int], Step] | None:
+        """A TRAIN update's work over the batch, done now from ``state`` (a snapshot read without
+        the session's lock), so that calls to one session compute in parallel; returns the fold
+        that, under the lock, completes the step against the state it commits to (``n`` as in
+        ``forward``): only the [C]-sized running update. None: the kind does it all under the
+        lock in ``forward`` (its output depends on the running statistics, as batch renorm's).
+        The fold must equal ``forward`` on the state it is given."""
+        return None
 
     # ---- a batch that arrives in chunks along dim 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -110,6 +110,33 @@ class BatchNorm(Normalization):
             return Step(out, mean, var, {"running_mean": new[0], "running_var": new[1]})
         out, mean, var, _ = ops.batch_norm_train(x, w, b, self.eps)
         return Step(out, mean, var)
+
+    def prepare_update(
+        self, x: torch.Tensor, state: SessionState, mode: Mode, statistics_only: bool
+    ) -> Callable[[SessionState, int], Step] | None:
+        # batch norm's output and statistics are the batch's own: only the running update
+        # follows the state. Its variants fold in otherwise (renorm's output reads the running
+        # statistics, ghost batch norm updates once per virtual batch, recurrent a slot).
+        if type(self) is not BatchNorm or not self.updates_running(mode):
+            return None
+        count = x.numel() // x.shape[1]
+        self._check_count(count, "input", x.shape)
+        w, b = state.weight, state.bias
+        if statistics_only:
+            if count == 0:
+                out, mean, var = None, self._nan(x.device), self._nan(x.device)
+            else:
+                m = ops.moments(x)
+                out, mean, var = None, m.mean, m.var
+        else:
+            out, mean, var, _ = ops.batch_norm_train(x, w, b, self.eps)
+
+        def fold(s: SessionState, n: int) -> Step:
+            if s.weight is not w or s.bias is not b:  # imported meanwhile: compute it again
+                return self.forward(x, s, mode, statistics_only, n)
+            return Step(out, mean, var, self._running(s, mean, var, count, n))
+
+        return fold
 
     def chunk_statistics(self, x: torch.Tensor, partial: Any) -> Any:
         if x.numel() == 0:

@@ -9,7 +9,9 @@ Layout, per session key K (one hash tag, ``{K}``, so Redis Cluster would keep a 
 in one slot):
 
 - ``NS:s:{K}``, a hash: ``v`` (the version), ``uid`` (the creation id), ``state`` and ``rec``
-  (``_codec`` bytes, framed with a CRC-32), ``ttl`` (idle milliseconds, 0: none);
+  (``_codec`` bytes, framed with a CRC-32), ``ttl`` (idle milliseconds, 0: none); a synchronized
+  session's also ``sync:f`` and ``sync:b``, its last completed steps (see ``_redis_groups``, whose
+  keys ``NS:g:{K}:...`` and ``NS:gr:{K}:...`` hold its rendezvous);
 - ``NS:i:{K}``, a hash: idempotency key -> "VERSION FINGERPRINT";
 - ``NS:z:{K}``, a sorted set: idempotency key by when it was applied (Redis's clock, in
   microseconds), to forget the oldest beyond the count and those past the window;
@@ -396,6 +398,13 @@ class RedisStore:
         with self._reaching():
             ms = self._redis.pttl(self._s(key))
         return None if ms < 0 else time.time() + ms / 1000.0
+
+    def rendezvous(self) -> Any:
+        """The rendezvous of synchronized sessions through this Redis, so that a group's
+        participants may reach any process or replica on it (see ``_redis_groups``)."""
+        from normserve.server.service._redis_groups import RedisGroups  # it builds on sessions
+
+        return RedisGroups(self._redis, self._ns, self.url)
 
     def close(self) -> None:
         self._redis.close()
