@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         RemoteGhostBatchNorm3d,
         RemoteRecurrentBatchNorm1d,
     )
+    from normserve.client._calibration import recalibrate
     from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
     from normserve.client._norm_modules import (
         RemoteGroupNorm,
@@ -92,6 +93,7 @@ __all__ = [
     "RetryPolicy",
     "SessionInfo",
     "UnavailableError",
+    "recalibrate",
 ]
 
 _MODULES = ("RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d")
@@ -119,6 +121,10 @@ _BATCH_MODULES = (
 def __getattr__(name: str) -> Any:
     # The torch modules load torch: only when asked for, so the clients and the operator commands
     # start without it.
+    if name == "recalibrate":
+        from normserve.client import _calibration
+
+        return _calibration.recalibrate
     if name in _MODULES:
         from normserve.client import _modules
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
@@ -258,6 +259,71 @@ class AsyncClient(c.ClientBase):
             (await self._call(self._stub.ImportState, req, timeout, metadata)).session
         )
 
+    # ---- freezing, recalibration, adaptation (see docs/calibration.md)
+
+    async def _change(
+        self, change: str, session_id: str, timeout: Any, metadata: c.Metadata
+    ) -> c.SessionInfo:
+        rpc, request = c.CHANGES[change]
+        req = request(session_id=session_id)
+        return c.session_info(
+            (await self._call(getattr(self._stub, rpc), req, timeout, metadata)).session
+        )
+
+    async def freeze(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Freezes the session: the server refuses every change of state until ``unfreeze``."""
+        return await self._change("freeze", session_id, timeout, metadata)
+
+    async def unfreeze(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return await self._change("unfreeze", session_id, timeout, metadata)
+
+    async def start_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Begins a recalibration: ``normalize(..., mode="calibrate")`` batches then accumulate
+        exact population statistics, which ``commit_calibration`` installs."""
+        return await self._change("start_calibration", session_id, timeout, metadata)
+
+    async def commit_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return await self._change("commit_calibration", session_id, timeout, metadata)
+
+    async def abort_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return await self._change("abort_calibration", session_id, timeout, metadata)
+
+    async def reset_adaptation(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Discards the session's adapted statistics."""
+        return await self._change("reset_adaptation", session_id, timeout, metadata)
+
+    async def promote_adaptation(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Replaces the running statistics with the adapted ones (and discards those)."""
+        return await self._change("promote_adaptation", session_id, timeout, metadata)
+
+    @contextlib.asynccontextmanager
+    async def calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> AsyncIterator[c.SessionInfo]:
+        """``async with client.calibration(sid):`` starts a recalibration, commits it when the
+        block ends, aborts it when the block raises (and re-raises)."""
+        info = await self.start_calibration(session_id, timeout=timeout, metadata=metadata)
+        try:
+            yield info
+        except BaseException:
+            await self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            raise
+        await self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+
     # ---- normalization
 
     async def normalize(
@@ -265,23 +331,27 @@ class AsyncClient(c.ClientBase):
         session_id: str,
         x: ArrayLike,
         *,
-        mode: c.ModeName = "train",
+        mode: c.ModeName | None = None,
         statistics_only: bool = False,
         idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         sync: tuple[int, int] | None = None,
         time_step: int = 0,
+        adapt: float | None = None,
+        adapt_accumulate: bool = False,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``); see
         ``Client.normalize``."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
-        key = ""
-        if c.mode_value(mode) == c.mode_value("train"):
-            key = idempotency_key or c.new_idempotency_key()
-        if not tx.fits_unary(t, self.chunk_bytes):
+        mode = c.resolve_mode(mode, adapt)
+        key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
+        adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
+        if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
+            c.check_unary(tx.fits_unary(t, self.max_message_bytes))
+        elif not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:
@@ -303,7 +373,9 @@ class AsyncClient(c.ClientBase):
                     if delay is None:
                         raise
                 await asyncio.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync, time_step)
+        req = tx.normalize_request(
+            session_id, t, mode, statistics_only, key, sync, time_step, adaptation
+        )
         return tx.normalize_result(
             await self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )

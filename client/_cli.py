@@ -199,6 +199,15 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
     print(f"device       {info.device}")
     print(f"version      {info.version}")
     print(f"batches      {info.num_batches_tracked}")
+    if info.frozen:
+        print("frozen       true (every change of state is refused)")
+    if info.calibration_start is not None:
+        print(
+            f"calibrating  since {info.calibration_start.isoformat(timespec='seconds')}: "
+            f"{info.calibration_batches} batches, {info.calibration_samples} samples"
+        )
+    if info.adapted_batches is not None:
+        print(f"adapted      {info.adapted_batches} batches")
     print(f"created      {info.create_time.isoformat(timespec='seconds')}")
     print(f"updated      {info.update_time.isoformat(timespec='seconds')}")
     if info.expire_time is not None:
@@ -206,7 +215,7 @@ def _print_session(info: SessionInfo, as_json: bool) -> None:
             f"expires      {info.expire_time.isoformat(timespec='seconds')} "
             f"(after {info.ttl_seconds:g} s unused)"
         )
-    for name in ("running_mean", "running_var", "weight", "bias"):
+    for name in ("running_mean", "running_var", "weight", "bias", "adapted_mean", "adapted_var"):
         value = values[name]
         if value is not None and value and isinstance(value[0], list):  # recurrent: [T, C]
             value = [v for row in value for v in row]
@@ -291,6 +300,18 @@ def _reset(args: argparse.Namespace) -> int:
     with _client(args) as client:
         _print_session(client.reset_session(args.session_id), args.json)
     return 0
+
+
+def _changing(change: str) -> Callable[[argparse.Namespace], int]:
+    """A command that makes one of the session's changes without arguments (``freeze``,
+    ``start_calibration``, ...) and shows the session after it."""
+
+    def command(args: argparse.Namespace) -> int:
+        with _client(args) as client:
+            _print_session(getattr(client, change)(args.session_id), args.json)
+        return 0
+
+    return command
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -465,6 +486,25 @@ def _parser() -> argparse.ArgumentParser:
         ("show", "config, statistics and version of a session", _show),
         ("delete", "delete a session", _delete),
         ("reset", "reset running statistics to mean 0, var 1", _reset),
+        ("freeze", "refuse every change of state until unfrozen", _changing("freeze")),
+        ("unfreeze", "accept changes of state again", _changing("unfreeze")),
+        (
+            "calibrate-start",
+            "begin a recalibration (precise batch norm); MODE_CALIBRATE batches follow",
+            _changing("start_calibration"),
+        ),
+        (
+            "calibrate-commit",
+            "install the calibrated population statistics",
+            _changing("commit_calibration"),
+        ),
+        ("calibrate-abort", "discard the recalibration", _changing("abort_calibration")),
+        (
+            "adaptation-promote",
+            "replace the running statistics with the adapted ones",
+            _changing("promote_adaptation"),
+        ),
+        ("adaptation-reset", "discard the adapted statistics", _changing("reset_adaptation")),
     ]
     for name, help_, func in actions:
         action = ssub.add_parser(name, parents=[remote], help=help_)

@@ -48,8 +48,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: gRPC metadata: (key, value) pairs sent with a call.
 Metadata = Sequence[tuple[str, str]] | None
-ModeName = Literal["train", "eval"]
-_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+ModeName = Literal["train", "eval", "calibrate"]
+_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL, "calibrate": pb.MODE_CALIBRATE}
 KindName = Literal[
     "batch_norm",
     "layer_norm",
@@ -156,6 +156,14 @@ class SessionInfo:
     ghost_batch_size: int = 0
     #: recurrent batch norm: its time-step slots (0 for the other kinds)
     time_steps: int = 0
+    #: frozen: the server refuses every change of state until it is unfrozen
+    frozen: bool = False
+    #: a recalibration in progress: since when (None: none), its batches and samples so far
+    calibration_start: dt.datetime | None = None
+    calibration_batches: int = 0
+    calibration_samples: int = 0
+    #: adapting batches folded into the adapted statistics (None: the session has none)
+    adapted_batches: int | None = None
     _wire: Mapping[str, pb.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _decoded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -185,6 +193,19 @@ class SessionInfo:
     def bias(self) -> torch.Tensor | None:
         return self._tensor("bias")
 
+    @property
+    def calibrating(self) -> bool:
+        return self.calibration_start is not None
+
+    @property
+    def adapted_mean(self) -> torch.Tensor | None:
+        """The adapted statistics (None: none, or tensors not asked for)."""
+        return self._tensor("adapted_mean")
+
+    @property
+    def adapted_var(self) -> torch.Tensor | None:
+        return self._tensor("adapted_var")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tensors as lists of numbers; absent ones as null)."""
         out: dict[str, Any] = {}
@@ -196,9 +217,10 @@ class SessionInfo:
             elif isinstance(value, RenormLimits):
                 value = asdict(value)
             out[key] = value
-        for name in _TENSOR_FIELDS:
+        for name in (*_TENSOR_FIELDS, "adapted_mean", "adapted_var"):
             msg = self._wire.get(name)
             out[name] = None if msg is None else tensor_values(msg)
+        out["calibrating"] = self.calibrating
         return out
 
 
@@ -323,7 +345,51 @@ def mode_value(mode: ModeName | str) -> int:
     try:
         return _MODES[str(mode).lower()]
     except KeyError:
-        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}") from None
+        raise ValueError(f"mode must be 'train', 'eval' or 'calibrate', got {mode!r}") from None
+
+
+def resolve_mode(mode: ModeName | None, adapt: float | None) -> ModeName:
+    """A normalize call's mode: as given; unset, "eval" for an adapting call, else "train"."""
+    if mode is None:
+        return "train" if adapt is None else "eval"
+    return mode
+
+
+def normalize_key(
+    mode: ModeName | str, adapt: float | None, accumulate: bool, idempotency_key: str | None
+) -> str:
+    """The idempotency key of a call that changes state (TRAIN, CALIBRATE, an accumulating
+    adaptation): the caller's, or a fresh one; "" for a call that changes nothing."""
+    value = mode_value(mode)
+    if value in (pb.MODE_TRAIN, pb.MODE_CALIBRATE) or (adapt is not None and accumulate):
+        return idempotency_key or new_idempotency_key()
+    return ""
+
+
+def unary_only(mode: ModeName | str, adapt: float | None) -> bool:
+    """Calibration and adaptation ride on Normalize only (never streamed in chunks)."""
+    return adapt is not None or mode_value(mode) == pb.MODE_CALIBRATE
+
+
+def check_unary(fits: bool) -> None:
+    """A calibration or adaptation batch too large for one message cannot be sent."""
+    if not fits:
+        raise ValueError(
+            "calibration and adaptation batches must fit one message (Normalize, not a stream): "
+            "send smaller batches or raise the client's max_message_bytes (and the server's)"
+        )
+
+
+#: the session methods without arguments: (RPC name, its request message)
+CHANGES: dict[str, tuple[str, Any]] = {
+    "start_calibration": ("StartCalibration", pb.StartCalibrationRequest),
+    "commit_calibration": ("CommitCalibration", pb.CommitCalibrationRequest),
+    "abort_calibration": ("AbortCalibration", pb.AbortCalibrationRequest),
+    "freeze": ("FreezeSession", pb.FreezeSessionRequest),
+    "unfreeze": ("UnfreezeSession", pb.UnfreezeSessionRequest),
+    "reset_adaptation": ("ResetAdaptation", pb.ResetAdaptationRequest),
+    "promote_adaptation": ("PromoteAdaptation", pb.PromoteAdaptationRequest),
+}
 
 
 def session_info(msg: pb.Session) -> SessionInfo:
@@ -359,8 +425,24 @@ def session_info(msg: pb.Session) -> SessionInfo:
         else None,
         ghost_batch_size=cfg.ghost_batch_size,
         time_steps=cfg.time_steps,
-        _wire={name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)},
+        frozen=msg.frozen,
+        calibration_start=msg.calibration.start_time.ToDatetime(dt.UTC)
+        if msg.HasField("calibration")
+        else None,
+        calibration_batches=msg.calibration.batches,
+        calibration_samples=msg.calibration.samples,
+        adapted_batches=msg.adapted.batches if msg.HasField("adapted") else None,
+        _wire=_session_tensors(msg),
     )
+
+
+def _session_tensors(msg: pb.Session) -> dict[str, pb.Tensor]:
+    out = {name: getattr(msg, name) for name in _TENSOR_FIELDS if msg.HasField(name)}
+    if msg.HasField("adapted"):
+        for name in ("mean", "var"):
+            if msg.adapted.HasField(name):
+                out[f"adapted_{name}"] = getattr(msg.adapted, name)
+    return out
 
 
 def kind_value(kind: KindName | str) -> int:
@@ -606,6 +688,9 @@ class ClientBase:
         self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        #: what one message may carry: calibration and adaptation batches, which are never
+        #: streamed, go unary up to it
+        self.max_message_bytes = max_message_bytes
         credentials, self._auth_metadata = connection_security(
             tls=tls,
             ca_file=ca_file,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -245,6 +246,71 @@ class Client(c.ClientBase):
         req = tx.import_request(session_id, state, strict)
         return c.session_info(self._call(self._stub.ImportState, req, timeout, metadata).session)
 
+    # ---- freezing, recalibration, adaptation (see docs/calibration.md)
+
+    def _change(
+        self, change: str, session_id: str, timeout: Any, metadata: c.Metadata
+    ) -> c.SessionInfo:
+        rpc, request = c.CHANGES[change]
+        req = request(session_id=session_id)
+        return c.session_info(
+            (self._call(getattr(self._stub, rpc), req, timeout, metadata)).session
+        )
+
+    def freeze(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Freezes the session: the server refuses every change of state until ``unfreeze``."""
+        return self._change("freeze", session_id, timeout, metadata)
+
+    def unfreeze(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return self._change("unfreeze", session_id, timeout, metadata)
+
+    def start_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Begins a recalibration: ``normalize(..., mode="calibrate")`` batches then accumulate
+        exact population statistics, which ``commit_calibration`` installs."""
+        return self._change("start_calibration", session_id, timeout, metadata)
+
+    def commit_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return self._change("commit_calibration", session_id, timeout, metadata)
+
+    def abort_calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        return self._change("abort_calibration", session_id, timeout, metadata)
+
+    def reset_adaptation(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Discards the session's adapted statistics."""
+        return self._change("reset_adaptation", session_id, timeout, metadata)
+
+    def promote_adaptation(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> c.SessionInfo:
+        """Replaces the running statistics with the adapted ones (and discards those)."""
+        return self._change("promote_adaptation", session_id, timeout, metadata)
+
+    @contextlib.contextmanager
+    def calibration(
+        self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
+    ) -> Iterator[c.SessionInfo]:
+        """``with client.calibration(sid):`` starts a recalibration, commits it when the block
+        ends, aborts it when the block raises (and re-raises)."""
+        info = self.start_calibration(session_id, timeout=timeout, metadata=metadata)
+        try:
+            yield info
+        except BaseException:
+            self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            raise
+        self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+
     # ---- normalization
 
     def normalize(
@@ -252,26 +318,33 @@ class Client(c.ClientBase):
         session_id: str,
         x: ArrayLike,
         *,
-        mode: c.ModeName = "train",
+        mode: c.ModeName | None = None,
         statistics_only: bool = False,
         idempotency_key: str | None = None,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         sync: tuple[int, int] | None = None,
         time_step: int = 0,
+        adapt: float | None = None,
+        adapt_accumulate: bool = False,
     ) -> c.NormalizeResult:
         """Normalizes one batch (streamed in chunks if it is larger than ``chunk_bytes``). A
         TRAIN batch carries ``idempotency_key`` (default: a fresh UUID), the same on every
         retry, so it is applied once. ``sync``: (rank, step) of a TRAIN batch on a synchronized
-        session (a batch larger than ``chunk_bytes`` joins its step on a stream). ``time_step``: the batch's step in a
-        recurrent batch norm session."""
+        session (a batch larger than ``chunk_bytes`` joins its step on a stream). ``time_step``:
+        the batch's step in a recurrent batch norm session. ``mode="calibrate"``: a recalibration batch (see
+        ``calibration``). ``adapt``: an EVAL batch normalized with ``(1 - adapt)`` of the kept
+        statistics and ``adapt`` of its own (mode defaults to "eval"); ``adapt_accumulate`` also
+        folds it into the session's adapted statistics. Both must fit one message."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
-        key = ""
-        if c.mode_value(mode) == c.mode_value("train"):
-            key = idempotency_key or c.new_idempotency_key()
-        if not tx.fits_unary(t, self.chunk_bytes):
+        mode = c.resolve_mode(mode, adapt)
+        key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
+        adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
+        if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
+            c.check_unary(tx.fits_unary(t, self.max_message_bytes))
+        elif not tx.fits_unary(t, self.chunk_bytes):
             # one batch on a stream of its own, tried again as a unary call would be
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
@@ -294,7 +367,9 @@ class Client(c.ClientBase):
                     if delay is None:
                         raise
                 time.sleep(delay)
-        req = tx.normalize_request(session_id, t, mode, statistics_only, key, sync, time_step)
+        req = tx.normalize_request(
+            session_id, t, mode, statistics_only, key, sync, time_step, adaptation
+        )
         return tx.normalize_result(
             self._call(self._normalize, req, timeout, metadata), tx._Like.of(x)
         )

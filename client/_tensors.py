@@ -118,10 +118,18 @@ def normalize_request(
     idempotency_key: str = "",
     sync: tuple[int, int] | None = None,
     time_step: int = 0,
+    adaptation: tuple[float, bool] | None = None,
 ) -> bytes:
     """An encoded NormalizeRequest: one copy of the tensor (see normserve.wire)."""
     return wire.encode_normalize_request(
-        session_id, mode_value(mode), x, statistics_only, idempotency_key, sync, time_step
+        session_id,
+        mode_value(mode),
+        x,
+        statistics_only,
+        idempotency_key,
+        sync,
+        time_step,
+        adaptation,
     )
 
 

@@ -178,6 +178,10 @@ def _sample(msg: Any, field: Any) -> None:
         getattr(msg, field.name).rank = 7
         getattr(msg, field.name).step = 9
         return
+    if field.type == _FD.TYPE_MESSAGE and field.message_type.name == "Adaptation":
+        getattr(msg, field.name).batch_weight = 0.25
+        getattr(msg, field.name).accumulate = True
+        return
     if field.type == _FD.TYPE_MESSAGE:
         assert field.message_type.name == "Tensor", (
             f"{field.full_name}: teach this test (and normserve.wire) a {field.message_type.name}"
@@ -212,6 +216,7 @@ def _reencode_request(raw: bytes) -> bytes:
         f.idempotency_key,
         f.sync,
         f.time_step,
+        f.adaptation,
     )
 
 
@@ -264,7 +269,7 @@ _REENCODE: dict[str, tuple[Callable[[bytes], bytes], tuple[str, ...]]] = {
 def test_handled_fields_are_exactly_the_contracts() -> None:
     """Walks each hot message's descriptor: the codec's table names every field, and every message
     type those fields carry is itself a hot message."""
-    assert set(HANDLED) == {*_REENCODE, "Tensor", "SyncStep"}
+    assert set(HANDLED) == {*_REENCODE, "Tensor", "SyncStep", "Adaptation"}
     for name, handled in HANDLED.items():
         fields = getattr(pb, name).DESCRIPTOR.fields
         assert {f.name for f in fields} == handled, name
@@ -312,6 +317,18 @@ def test_sync_step_is_read_present_even_at_rank_and_step_zero() -> None:
         assert wire.parse_stream_request(raw).sync == (rank, step)
         assert _reencode_stream_request(raw) == raw
     assert wire.parse_stream_request(b"").sync is None
+
+
+def test_adaptation_is_read_present_even_at_its_defaults() -> None:
+    for weight, accumulate in ((0.0, False), (1.0, False), (0.3, True), (0.0, True)):
+        msg = pb.NormalizeRequest(
+            session_id="s", adaptation=pb.Adaptation(batch_weight=weight, accumulate=accumulate)
+        )
+        msg.input.MergeFromString(_TENSOR_BYTES)
+        raw = msg.SerializeToString()
+        assert wire.parse_normalize_request(raw).adaptation == (weight, accumulate)
+        assert _reencode_request(raw) == raw
+    assert wire.parse_normalize_request(_TENSOR_BYTES[:0]).adaptation is None
 
 
 def test_every_tensor_field_survives_parse_and_encode() -> None:

@@ -17,6 +17,7 @@ the generated code.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +51,19 @@ _U64 = 1 << 64
 HANDLED: dict[str, frozenset[str]] = {
     "Tensor": frozenset({"dtype", "shape", "data"}),
     "NormalizeRequest": frozenset(
-        {"session_id", "mode", "input", "statistics_only", "idempotency_key", "sync", "time_step"}
+        {
+            "session_id",
+            "mode",
+            "input",
+            "statistics_only",
+            "idempotency_key",
+            "sync",
+            "time_step",
+            "adaptation",
+        }
     ),
     "SyncStep": frozenset({"rank", "step"}),
+    "Adaptation": frozenset({"batch_weight", "accumulate"}),
     "NormalizeResponse": frozenset(
         {"output", "mean", "var", "version", "batch_statistics", "replayed"}
     ),
@@ -92,6 +103,7 @@ _WIRE_TYPE = {
     _F.TYPE_STRING: _LEN,
     _F.TYPE_BYTES: _LEN,
     _F.TYPE_MESSAGE: _LEN,
+    _F.TYPE_DOUBLE: _I64,
 }
 
 
@@ -162,8 +174,10 @@ def _fields(buf: memoryview, pos: int, end: int) -> Any:
             yield number, wire, (pos, pos + size)
             pos += size
         elif wire == _I64:
+            if pos + 8 > end:
+                raise WireError("message", "truncated fixed64 field")
             pos += 8
-            yield number, wire, 0
+            yield number, wire, pos - 8  # where its 8 bytes start (Adaptation's double reads them)
         elif wire == _I32:
             pos += 4
             yield number, wire, 0
@@ -213,6 +227,8 @@ class NormalizeFrame:
     #: NormalizeRequest.sync (or NormalizeStreamRequest.sync) as (rank, step); None when absent
     sync: tuple[int, int] | None = None
     time_step: int = 0
+    #: NormalizeRequest.adaptation as (batch_weight, accumulate); None when absent
+    adaptation: tuple[float, bool] | None = None
     _buf: memoryview | None = None
     _span: tuple[int, int] = (0, 0)
     _name: str = ""
@@ -239,6 +255,7 @@ class _RequestFields:
     idempotency_key: int
     sync: int = 0
     time_step: int = 0
+    adaptation: int = 0
 
 
 _REQUEST = _RequestFields(
@@ -251,6 +268,7 @@ _REQUEST = _RequestFields(
     idempotency_key=_number(pb.NormalizeRequest, "idempotency_key", _LEN),
     sync=_number(pb.NormalizeRequest, "sync", _LEN),
     time_step=_number(pb.NormalizeRequest, "time_step", _VARINT),
+    adaptation=_number(pb.NormalizeRequest, "adaptation", _LEN),
 )
 _SYNC_RANK = _number(pb.SyncStep, "rank", _VARINT)
 _SYNC_STEP = _number(pb.SyncStep, "step", _VARINT)
@@ -266,6 +284,24 @@ def _sync(buf: memoryview, span: tuple[int, int], old: tuple[int, int] | None) -
             elif number == _SYNC_STEP:
                 step = value
     return rank, step
+
+
+_ADAPT_WEIGHT = _number(pb.Adaptation, "batch_weight", _I64)
+_ADAPT_ACCUMULATE = _number(pb.Adaptation, "accumulate", _VARINT)
+_DOUBLE = struct.Struct("<d")
+
+
+def _adaptation(
+    buf: memoryview, span: tuple[int, int], old: tuple[float, bool] | None
+) -> tuple[float, bool]:
+    """An Adaptation's (batch_weight, accumulate); merged into an earlier occurrence."""
+    weight, accumulate = old if old is not None else (0.0, False)
+    for number, wire, value in _fields(buf, span[0], span[1]):
+        if number == _ADAPT_WEIGHT and wire == _I64:
+            (weight,) = _DOUBLE.unpack_from(buf, value)
+        elif number == _ADAPT_ACCUMULATE and wire == _VARINT:
+            accumulate = bool(value)
+    return weight, accumulate
 
 
 _STREAM_REQUEST = _RequestFields(
@@ -302,6 +338,8 @@ def _frame(raw: bytes, f: _RequestFields) -> NormalizeFrame:
                 frame.idempotency_key = _text(buf, value, "idempotency_key")
             elif number == f.sync:
                 frame.sync = _sync(buf, value, frame.sync)
+            elif number == f.adaptation:
+                frame.adaptation = _adaptation(buf, value, frame.adaptation)
         elif wire == _VARINT:
             if number == mode_n:
                 frame.mode = _signed(value)
@@ -470,6 +508,9 @@ _K_RQ_TIME_STEP = _key(_RQ, "time_step", _VARINT)
 _K_RQ_SYNC = _key(_RQ, "sync", _LEN)
 _K_SYNC_RANK = _key(pb.SyncStep, "rank", _VARINT)
 _K_SYNC_STEP = _key(pb.SyncStep, "step", _VARINT)
+_K_RQ_ADAPTATION = _key(_RQ, "adaptation", _LEN)
+_K_ADAPT_WEIGHT = _key(pb.Adaptation, "batch_weight", _I64)
+_K_ADAPT_ACCUMULATE = _key(pb.Adaptation, "accumulate", _VARINT)
 
 
 def encode_normalize_request(
@@ -480,6 +521,7 @@ def encode_normalize_request(
     idempotency_key: str = "",
     sync: tuple[int, int] | None = None,
     time_step: int = 0,
+    adaptation: tuple[float, bool] | None = None,
 ) -> bytes:
     parts = [_string(_K_RQ_SESSION_ID, session_id), _scalar(_K_RQ_MODE, mode)]
     parts += _tensor_parts(_K_RQ_INPUT, tensor)
@@ -489,6 +531,11 @@ def encode_normalize_request(
     if sync is not None:  # present even when rank and step are 0
         body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
         parts.append(_K_RQ_SYNC + _enc_varint(len(body)) + body)
+    if adaptation is not None:  # present even when both are defaults: a = 0 is a choice
+        weight, accumulate = adaptation
+        body = _K_ADAPT_WEIGHT + _DOUBLE.pack(weight) if weight != 0.0 else b""
+        body += _scalar(_K_ADAPT_ACCUMULATE, int(accumulate))
+        parts.append(_K_RQ_ADAPTATION + _enc_varint(len(body)) + body)
     return b"".join(parts)
 
 

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from normserve import wire
 from normserve.server.service import (
+    Adaptation,
     Chunk,
     InvalidArgument,
     Kind,
@@ -38,7 +39,11 @@ _KINDS_OUT = {
 }
 _KINDS = {pb.NORM_KIND_UNSPECIFIED: Kind.BATCH_NORM} | {v: k for k, v in _KINDS_OUT.items()}
 _IMPLEMENTED = ", ".join(pb.NormKind.Name(v) for v in _KINDS_OUT.values())
-_MODES: dict[int, Mode] = {pb.MODE_TRAIN: Mode.TRAIN, pb.MODE_EVAL: Mode.EVAL}
+_MODES: dict[int, Mode] = {
+    pb.MODE_TRAIN: Mode.TRAIN,
+    pb.MODE_EVAL: Mode.EVAL,
+    pb.MODE_CALIBRATE: Mode.CALIBRATE,
+}
 #: What a state_dict key may look like: longer or stranger names are refused before any message
 #: echoes them.
 _KEY = re.compile(r"[A-Za-z0-9_.]{1,64}")
@@ -49,7 +54,9 @@ def mode(value: int, field: str = "mode") -> Mode:
         return _MODES[value]
     except KeyError:
         got = pb.Mode.Name(value) if value in pb.Mode.values() else str(value)
-        raise InvalidArgument(field, f"expected MODE_TRAIN or MODE_EVAL, got {got}") from None
+        raise InvalidArgument(
+            field, f"expected MODE_TRAIN, MODE_EVAL or MODE_CALIBRATE, got {got}"
+        ) from None
 
 
 def config(msg: pb.SessionConfig) -> tuple[SessionConfig, torch.Tensor | None, torch.Tensor | None]:
@@ -187,6 +194,16 @@ def session(view: SessionView, with_tensors: bool = True) -> pb.Session:
             value = getattr(st, name)
             if value is not None:
                 tensor_to_proto(value, getattr(msg, name))
+    msg.frozen = st.frozen
+    if st.calibration is not None:
+        c = st.calibration
+        msg.calibration.batches, msg.calibration.samples = c.batches, c.samples
+        msg.calibration.start_time.CopyFrom(_timestamp(c.start_time))
+    if st.adapted is not None:
+        msg.adapted.batches = st.adapted.batches
+        if with_tensors:
+            tensor_to_proto(st.adapted.mean, msg.adapted.mean)
+            tensor_to_proto(st.adapted.var, msg.adapted.var)
     return msg
 
 
@@ -223,6 +240,7 @@ def normalize_call(raw: bytes) -> NormalizeCall:
         req.idempotency_key,
         None if req.sync is None else SyncStep(*req.sync),
         req.time_step,
+        None if req.adaptation is None else Adaptation(*req.adaptation),
     )
 
 

@@ -85,6 +85,48 @@ class NormalizerServicer(pb_grpc.NormalizerServicer):
         reduced = await self._as_caller().sync_reduce(*conv.sync_reduce_request(request))
         return conv.sync_reduce_response(reduced)
 
+    async def _change(self, request: Any, change: str) -> pb.Session:
+        return conv.session(await self._as_caller().change_session(request.session_id, change))
+
+    async def StartCalibration(
+        self, request: pb.StartCalibrationRequest, context: Context
+    ) -> pb.StartCalibrationResponse:
+        return pb.StartCalibrationResponse(session=await self._change(request, "start_calibration"))
+
+    async def CommitCalibration(
+        self, request: pb.CommitCalibrationRequest, context: Context
+    ) -> pb.CommitCalibrationResponse:
+        return pb.CommitCalibrationResponse(
+            session=await self._change(request, "commit_calibration")
+        )
+
+    async def AbortCalibration(
+        self, request: pb.AbortCalibrationRequest, context: Context
+    ) -> pb.AbortCalibrationResponse:
+        return pb.AbortCalibrationResponse(session=await self._change(request, "abort_calibration"))
+
+    async def FreezeSession(
+        self, request: pb.FreezeSessionRequest, context: Context
+    ) -> pb.FreezeSessionResponse:
+        return pb.FreezeSessionResponse(session=await self._change(request, "freeze"))
+
+    async def UnfreezeSession(
+        self, request: pb.UnfreezeSessionRequest, context: Context
+    ) -> pb.UnfreezeSessionResponse:
+        return pb.UnfreezeSessionResponse(session=await self._change(request, "unfreeze"))
+
+    async def ResetAdaptation(
+        self, request: pb.ResetAdaptationRequest, context: Context
+    ) -> pb.ResetAdaptationResponse:
+        return pb.ResetAdaptationResponse(session=await self._change(request, "reset_adaptation"))
+
+    async def PromoteAdaptation(
+        self, request: pb.PromoteAdaptationRequest, context: Context
+    ) -> pb.PromoteAdaptationResponse:
+        return pb.PromoteAdaptationResponse(
+            session=await self._change(request, "promote_adaptation")
+        )
+
     # The two methods that carry tensors take and return raw bytes: normserve.wire reads them
     # zero-copy and writes them with one copy (see handlers()).
 

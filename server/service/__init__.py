@@ -10,6 +10,7 @@ that arrive in chunks), ``_manager`` (the registry, a namespace per tenant), ``_
 
 from __future__ import annotations
 
+from normserve.server.service._calibration import Adaptation
 from normserve.server.service._chunked import ChunkedBatch
 from normserve.server.service._config import (
     ANSWER_OVERHEAD_BYTES,
@@ -75,6 +76,7 @@ __all__ = [
     "MAX_BATCHES_TRACKED",
     "QUOTAS",
     "Aborted",
+    "Adaptation",
     "AlreadyExists",
     "Chunk",
     "ChunkedBatch",

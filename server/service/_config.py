@@ -105,6 +105,8 @@ MAX_NORMALIZED_DIMS = 16
 class Mode(enum.Enum):
     TRAIN = "train"
     EVAL = "eval"
+    #: a recalibration batch: normalized with its own statistics, folded into the accumulator
+    CALIBRATE = "calibrate"
 
 
 @dataclass(frozen=True)

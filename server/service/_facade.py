@@ -35,6 +35,7 @@ import torch
 
 from normserve.server import ops
 from normserve.server.service import _device
+from normserve.server.service._calibration import Adaptation
 from normserve.server.service._config import ANSWER_OVERHEAD_BYTES, Mode, SessionConfig
 from normserve.server.service._errors import (
     FailedPrecondition,
@@ -124,6 +125,8 @@ class NormalizeCall:
     sync: SyncStep | None = None
     #: recurrent batch norm: the batch's time step (0 for the other kinds)
     time_step: int = 0
+    #: an EVAL call's adaptation (None: plain EVAL)
+    adaptation: Adaptation | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,26 @@ class NormalizerService:
         await self.durable(ticket)
         return view
 
+    # ---- freezing, recalibration, adaptation: each a change of state answered with the session
+
+    async def change_session(self, session_id: str, change: str) -> SessionView:
+        """One of the Session's state changes without arguments, by name: ``set_frozen`` as
+        "freeze"/"unfreeze", or start_calibration, commit_calibration, abort_calibration,
+        reset_adaptation, promote_adaptation."""
+
+        def run() -> tuple[SessionView, Ticket]:
+            s = self.sessions.get(session_id)
+            if change in ("freeze", "unfreeze"):
+                state, ticket = s.set_frozen(change == "freeze")
+            else:
+                assert change in _CHANGES, change
+                state, ticket = getattr(s, change)()
+            return self._view(s, state), ticket
+
+        view, ticket = await self._run(run)
+        await self.durable(ticket)
+        return view
+
     # ---- normalization
 
     def check_answer(
@@ -390,11 +413,18 @@ class NormalizerService:
             # a thread hop costs more than this work; never wait for a lock on the loop, though
             with contextlib.suppress(Busy):
                 result = session.normalize(
-                    x, mode, call.statistics_only, False, key, call.time_step
+                    x, mode, call.statistics_only, False, key, call.time_step, call.adaptation
                 )
         if result is None:
             result = await self.compute(
-                session.normalize, x, mode, call.statistics_only, True, key, call.time_step
+                session.normalize,
+                x,
+                mode,
+                call.statistics_only,
+                True,
+                key,
+                call.time_step,
+                call.adaptation,
             )
         await self.durable(result.durable)
         t2 = perf_counter()
@@ -580,6 +610,17 @@ class NormalizerService:
         finally:
             metered.release()
             quotas.close_stream(tenant)
+
+
+_CHANGES = frozenset(
+    {
+        "start_calibration",
+        "commit_calibration",
+        "abort_calibration",
+        "reset_adaptation",
+        "promote_adaptation",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from normserve.server import ops
+from normserve.server.service import _calibration as cal
 from normserve.server.service import _device
+from normserve.server.service._calibration import Adaptation
 from normserve.server.service._config import Mode, SessionConfig
 from normserve.server.service._errors import (
     Aborted,
@@ -43,7 +46,12 @@ from normserve.server.service._errors import (
     InvalidArgument,
     NotFound,
 )
-from normserve.server.service._state import MAX_BATCHES_TRACKED, SessionState
+from normserve.server.service._state import (
+    MAX_BATCHES_TRACKED,
+    Adapted,
+    Calibration,
+    SessionState,
+)
 from normserve.server.service.kinds import Normalization, Step, for_config
 from normserve.server.service.stores import (
     AlreadyApplied,
@@ -211,6 +219,11 @@ class Session:
                 t = getattr(s, k)
                 moved[k] = None if t is None else t.to(self.device)
             s = replace(s, **moved)  # type: ignore[arg-type]
+        if s.adapted is not None and s.adapted.mean.device != self.device:
+            a = s.adapted
+            s = replace(
+                s, adapted=Adapted(a.mean.to(self.device), a.var.to(self.device), a.batches)
+            )
         return s
 
     def read_state(self, touch: bool = True) -> SessionState:
@@ -250,8 +263,24 @@ class Session:
             s = self._mine(self._store.latest(self.key))
         except KeyError:
             raise self._gone() from None
+        fresh = not self._store.shared  # a shared store's latest may be this process's last view
         for _ in range(MAX_CONFLICTS):
-            new = compute(s)
+            try:
+                new = compute(s)
+            except (FailedPrecondition, _Same):
+                if fresh:
+                    raise
+                # a refusal (or a no-op) decided on a view that another process may have moved
+                # past (frozen, calibrating, adapted): decide again on the store's current state
+                fresh = True
+                try:
+                    current = self._mine(self._store.read(self.key, touch=False))
+                except KeyError:
+                    raise self._gone() from None
+                if current.version == s.version:
+                    raise
+                s = current
+                continue
             # on CUDA: the new state's kernels have run before another thread can read it
             _device.wait(self.device)
             try:
@@ -268,6 +297,7 @@ class Session:
                         "applied"
                     ) from None
                 s = self._mine(conflict.current)
+                fresh = True
         raise Aborted(
             f"session {self.session_id!r}: {MAX_CONFLICTS} updates from other processes won "
             "the race for this one; nothing was applied, retry"
@@ -341,6 +371,7 @@ class Session:
             steps: list[Step] = []
 
             def next_state(s: SessionState) -> SessionState:
+                self._check_trainable(s)
                 n = self._next_count(s) if self.kind.counts_batches else s.num_batches_tracked
                 step = compute(s, n)
                 self.check_step(
@@ -404,16 +435,24 @@ class Session:
         blocking: bool = True,
         idempotency_key: str = "",
         time_step: int = 0,
+        adaptation: Adaptation | None = None,
     ) -> NormalizeResult:
         """Normalizes one batch; in TRAIN mode (with running statistics) folds it in first, once
-        per idempotency key. Without ``blocking``, raises Busy rather than wait for another
-        update of the session."""
+        per idempotency key; a CALIBRATE batch or an adapting EVAL batch: see ``calibrate`` and
+        ``adapt``. Without ``blocking``, raises Busy rather than wait for another update of the
+        session."""
         t0 = time.perf_counter()
         self.check_input(x)
         self.check_unsynchronized(mode, "sync")
         kind = self.kind.at(time_step)
         if x.device != self.device:
             x = _device.to_device(x, self.device)
+        if adaptation is not None:
+            return self.adapt(
+                x, mode, adaptation, statistics_only, blocking, idempotency_key, t0, time_step
+            )
+        if mode is Mode.CALIBRATE:
+            return self.calibrate(x, statistics_only, blocking, idempotency_key, t0, time_step)
         batch = kind.uses_batch_statistics(mode)
         empty = x.numel() == 0
         if kind.updates_running(mode):
@@ -483,6 +522,10 @@ class Session:
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
         self.check_unsynchronized(mode, "mode")
+        if mode is Mode.CALIBRATE:
+            raise InvalidArgument(
+                "mode", "MODE_CALIBRATE batches are sent with Normalize, not on NormalizeStream"
+            )
         return ChunkedBatch(self, mode, statistics_only, idempotency_key, time_step)
 
     def reset(self) -> tuple[SessionState, Ticket]:
@@ -492,7 +535,12 @@ class Session:
                 self.touch()
                 return self.state, None  # nothing tracked, nothing to change
             initial = self.kind.initial(self.device)
-            return self._commit(lambda s: s.advanced(num_batches_tracked=0, **initial))
+
+            def reset(s: SessionState) -> SessionState:
+                self._check_unfrozen(s, "reset")
+                return s.advanced(num_batches_tracked=0, **initial)
+
+            return self._commit(reset)
 
     def state_keys(self) -> list[str]:
         return self.kind.state_keys()
@@ -543,4 +591,241 @@ class Session:
             if not new:
                 self.touch()
                 return self.state, None
-            return self._commit(lambda s: s.advanced(**new))
+
+            def load(s: SessionState) -> SessionState:
+                self._check_unfrozen(s, "import state")
+                return s.advanced(**new)
+
+            return self._commit(load)
+
+    # ---- freezing, recalibration and adaptation (their math: _calibration)
+
+    def _check_unfrozen(self, s: SessionState, what: str) -> None:
+        if s.frozen:
+            raise FailedPrecondition(
+                f"session {self.session_id!r} is frozen: it refuses to {what}; unfreeze it "
+                "first (UnfreezeSession)"
+            )
+
+    def _check_trainable(self, s: SessionState) -> None:
+        self._check_unfrozen(s, "apply TRAIN updates")
+        if s.calibration is not None:
+            raise FailedPrecondition(
+                f"session {self.session_id!r} is calibrating: TRAIN updates are refused until "
+                "CommitCalibration or AbortCalibration"
+            )
+
+    def _calibrating(self, s: SessionState, what: str) -> Calibration:
+        if s.calibration is None:
+            raise FailedPrecondition(
+                f"session {self.session_id!r} is not calibrating: {what} needs StartCalibration "
+                "first"
+            )
+        return s.calibration
+
+    def _change(
+        self, compute: Callable[[SessionState], SessionState]
+    ) -> tuple[SessionState, Ticket]:
+        """A change of state under the lock; ``compute`` raises _Same to change nothing."""
+        with self._lock:
+            try:
+                return self._commit(compute)
+            except _Same as same:
+                self.touch()
+                return same.state, None
+
+    def _locked_transition(
+        self,
+        compute: Callable[[SessionState], SessionState],
+        idempotency: Idempotency | None,
+        blocking: bool,
+    ) -> tuple[SessionState, SessionState, Ticket, bool, int, float]:
+        """``_transition`` under the lock, an applied idempotency key checked: (state before,
+        state after, ticket, replayed, version, seconds waited for the lock)."""
+        t0 = time.perf_counter()
+        if not self._lock.acquire(blocking):
+            raise Busy(self.session_id)
+        try:
+            waited = time.perf_counter() - t0
+            before, new, ticket = self._transition(compute, idempotency)
+        finally:
+            self._lock.release()
+        if isinstance(ticket, AlreadyApplied):
+            assert idempotency is not None
+            applied = ticket.applied
+            if applied.fingerprint != idempotency.fingerprint:
+                raise InvalidArgument(
+                    "idempotency_key",
+                    f"{idempotency.key!r} was applied to another request ({applied.fingerprint}; "
+                    f"this one is {idempotency.fingerprint}): every call needs a key of its own; "
+                    "nothing was applied",
+                )
+            return before, new, None, True, applied.version, waited
+        return before, new, ticket, False, new.version, waited
+
+    def set_frozen(self, frozen: bool) -> tuple[SessionState, Ticket]:
+        """Freezes (or unfreezes) the session: one change of state, version + 1; nothing when it
+        already is."""
+
+        def compute(s: SessionState) -> SessionState:
+            if s.frozen == frozen:
+                raise _Same(s)
+            return s.advanced(frozen=frozen)
+
+        return self._change(compute)
+
+    def start_calibration(self) -> tuple[SessionState, Ticket]:
+        """Begins a recalibration: an empty accumulator, the running statistics untouched."""
+        cal.check_supported(self.session_id, self.config, "calibration")
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "start a calibration")
+            if s.calibration is not None:
+                raise FailedPrecondition(
+                    f"session {self.session_id!r} is already calibrating "
+                    f"({s.calibration.batches} batches so far); CommitCalibration or "
+                    "AbortCalibration first"
+                )
+            assert s.running_mean is not None
+            return s.advanced(calibration=cal.new_calibration(s.running_mean, time.time()))
+
+        return self._change(compute)
+
+    def commit_calibration(self) -> tuple[SessionState, Ticket]:
+        """Replaces the running statistics with the accumulated population ones, atomically."""
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "commit a calibration")
+            c = self._calibrating(s, "CommitCalibration")
+            mean, var = cal.committed(self.session_id, c, s)
+            if not (_finite(mean.cpu()) and _finite(var.cpu())):
+                raise FailedPrecondition(
+                    f"session {self.session_id!r}: the calibrated statistics exceed float32's "
+                    "range (|mean| or variance > 3.4e38); nothing was applied"
+                )
+            return s.advanced(running_mean=mean, running_var=var, calibration=None)
+
+        return self._change(compute)
+
+    def abort_calibration(self) -> tuple[SessionState, Ticket]:
+        """Discards the accumulator; the running statistics stay as they were."""
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "abort a calibration")
+            self._calibrating(s, "AbortCalibration")
+            return s.advanced(calibration=None)
+
+        return self._change(compute)
+
+    def calibrate(
+        self,
+        x: torch.Tensor,
+        statistics_only: bool,
+        blocking: bool,
+        idempotency_key: str,
+        t0: float,
+        time_step: int = 0,
+    ) -> NormalizeResult:
+        """A MODE_CALIBRATE batch: normalized with its own statistics, its exact moments merged
+        into the accumulator (once per idempotency key)."""
+        cal.check_supported(self.session_id, self.config, "a MODE_CALIBRATE batch")
+        self.check_finite_input(x, "input")
+        m = cal.batch_moments(x)
+        slot = cal.slot_of(self.config, time_step)
+        idem = self.idempotency(idempotency_key, Mode.CALIBRATE, x, statistics_only, -1, time_step)
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "fold in calibration batches")
+            c = self._calibrating(s, "a MODE_CALIBRATE batch")
+            return s.advanced(calibration=cal.fold(c, m, slot, x.shape[0]))
+
+        _, new, ticket, replayed, version, waited = self._locked_transition(compute, idem, blocking)
+        out = None
+        if not statistics_only:
+            out = ops.normalize_batch(x, m, new.weight, new.bias, self.kind.eps, ops.batch_shift(m))
+        step = Step(out, m.mean, m.var)
+        return self.result(step, version, True, waited, t0, replayed, ticket)
+
+    def adapt(
+        self,
+        x: torch.Tensor,
+        mode: Mode,
+        adaptation: Adaptation,
+        statistics_only: bool,
+        blocking: bool,
+        idempotency_key: str,
+        t0: float,
+        time_step: int = 0,
+    ) -> NormalizeResult:
+        """An adapting EVAL batch: normalized with ``(1 - a) * prior + a * batch`` (the prior:
+        the adapted statistics, or the running ones without); with ``accumulate``, folded into
+        the adapted statistics (once per idempotency key), never into the running ones."""
+        if mode is not Mode.EVAL:
+            raise InvalidArgument(
+                "adaptation", f"is read with MODE_EVAL only, got MODE_{mode.name}"
+            )
+        adaptation.check()
+        cal.check_supported(self.session_id, self.config, "adaptation")
+        self.check_finite_input(x, "input")
+        m = cal.batch_moments(x)
+        slot = cal.slot_of(self.config, time_step)
+        waited, replayed, ticket = 0.0, False, None
+        if adaptation.accumulate:
+            idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
+
+            def compute(s: SessionState) -> SessionState:
+                self._check_unfrozen(s, "fold EVAL batches into adapted statistics")
+                return s.advanced(adapted=cal.adapt_fold(self.config, s, m, slot))
+
+            state, _, ticket, replayed, version, waited = self._locked_transition(
+                compute, idem, blocking
+            )
+        else:
+            state = self.state
+            version = state.version
+        pm, pv = cal.prior(state)
+        idx = () if slot is None else (slot,)
+        mean, var = cal.mixed(pm[idx], pv[idx], m, adaptation.batch_weight)
+        mean, var = mean.float(), var.float()
+        out = None
+        if not statistics_only:
+            out = ops.normalize(x, mean, var, state.weight, state.bias, self.kind.eps)
+        step = Step(out, mean, var)
+        batch = adaptation.batch_weight > 0
+        return self.result(step, version, batch, waited, t0, replayed, ticket)
+
+    def reset_adaptation(self) -> tuple[SessionState, Ticket]:
+        """Discards the adapted statistics (nothing to discard: no change)."""
+        cal.check_supported(self.session_id, self.config, "adaptation")
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "reset its adapted statistics")
+            if s.adapted is None:
+                raise _Same(s)
+            return s.advanced(adapted=None)
+
+        return self._change(compute)
+
+    def promote_adaptation(self) -> tuple[SessionState, Ticket]:
+        """Replaces the running statistics with the adapted ones, atomically, and discards them."""
+        cal.check_supported(self.session_id, self.config, "adaptation")
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "promote adapted statistics")
+            if s.adapted is None:
+                raise FailedPrecondition(
+                    f"session {self.session_id!r} has no adapted statistics to promote; send "
+                    "MODE_EVAL calls with adaptation.accumulate first"
+                )
+            a = s.adapted
+            return s.advanced(running_mean=a.mean, running_var=a.var, adapted=None)
+
+        return self._change(compute)
+
+
+class _Same(Exception):
+    """A change that would change nothing: ``state`` stays, no version is spent."""
+
+    def __init__(self, state: SessionState) -> None:
+        super().__init__()
+        self.state = state

@@ -129,3 +129,28 @@ def test_concurrent_calls_on_their_own_streams_match_torch(gpu_server: Server) -
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_calibration_and_adaptation_on_cuda(gpu_server: Server) -> None:
+    """The accumulator stays on the CPU in float64; batches, adapted statistics and commits run
+    on the session's device: the CPU path's exact population statistics and mix."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, 4, 3, 3, generator=g) * 2 + 3 for n in (3, 11, 6)]
+    with Client(gpu_server.address) as client:
+        sid = client.create_session(4, momentum=0.1).session_id
+        assert client.get_session(sid).device == "cuda:0"
+        with client.calibration(sid):
+            for x in xs:
+                client.normalize(sid, x.cuda(), mode="calibrate")
+        info = client.get_session(sid)
+        flat = torch.cat([x.double().transpose(0, 1).reshape(4, -1) for x in xs], dim=1)
+        torch.testing.assert_close(info.running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(info.running_var.double(), flat.var(1), rtol=1e-6, atol=0)
+        x = xs[1].cuda()
+        r = client.normalize(sid, x, adapt=0.25, adapt_accumulate=True)
+        bm = xs[1].double().mean(dim=(0, 2, 3))
+        want = 0.75 * info.running_mean.double() + 0.25 * bm
+        torch.testing.assert_close(r.mean.double(), want, rtol=1e-6, atol=1e-6)
+        assert r.output.is_cuda
+        promoted = client.promote_adaptation(sid)
+        assert promoted.adapted_batches is None and promoted.version == info.version + 2

@@ -341,3 +341,53 @@ def test_a_taken_port_is_one_clean_line(served: tuple[subprocess.Popen[str], str
     assert f"--address: {target} is already in use" in done.stderr
     assert "add_port" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_freeze_calibrate_and_adaptation_commands(
+    served: tuple[subprocess.Popen[str], str],
+) -> None:
+    _, target = served
+    t = ["--target", target]
+    assert run("session", "create", "3", "--id", "cal", *t).returncode == 0
+    rc, doc = _json("session", "calibrate-start", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["calibrating"] and doc["version"] == 2
+    xs = [torch.randn(5, 3) * 2 + 1, torch.randn(9, 3) - 4]
+    with Client(target) as client:
+        for x in xs:
+            client.normalize("cal", x, mode="calibrate")
+    shown = run("session", "show", "cal", *t).stdout
+    assert re.search(r"^calibrating  since \S+: 2 batches, 14 samples$", shown, re.M), shown
+    rc, doc = _json("session", "calibrate-commit", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and not doc["calibrating"]
+    want = torch.cat(xs).double().var(dim=0)
+    torch.testing.assert_close(torch.tensor(doc["running_var"]).double(), want, rtol=1e-6, atol=0)
+    rc, doc = _json("session", "calibrate-abort", "cal", *t)
+    assert rc == 1 and doc == {
+        "error": {
+            "code": "FAILED_PRECONDITION",
+            "message": "session 'cal' is not calibrating: AbortCalibration needs "
+            "StartCalibration first",
+            "hint": "",
+        }
+    }
+    rc, doc = _json("session", "freeze", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["frozen"]
+    assert "frozen       true" in run("session", "show", "cal", *t).stdout
+    reset = run("session", "reset", "cal", *t)
+    assert reset.returncode == 1
+    assert reset.stderr.strip() == (
+        "normserve: FAILED_PRECONDITION: session 'cal' is frozen: it refuses to reset; "
+        "unfreeze it first (UnfreezeSession)"
+    )
+    rc, doc = _json("session", "unfreeze", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and not doc["frozen"]
+    with Client(target) as client:
+        client.normalize("cal", torch.randn(8, 3), adapt=0.5, adapt_accumulate=True)
+    rc, doc = _json("session", "show", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["adapted_batches"] == 1
+    adapted = doc["adapted_mean"]
+    rc, doc = _json("session", "adaptation-promote", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["running_mean"] == adapted
+    assert doc["adapted_batches"] is None
+    rc, doc = _json("session", "adaptation-reset", "cal", *t)
+    assert rc == 0 and isinstance(doc, dict) and doc["adapted_batches"] is None

@@ -142,7 +142,7 @@ CASES = [
     pytest.param(
         tensor(torch.randn(3, 4)),
         pb.MODE_UNSPECIFIED,
-        "mode: expected MODE_TRAIN or MODE_EVAL, got MODE_UNSPECIFIED",
+        "mode: expected MODE_TRAIN, MODE_EVAL or MODE_CALIBRATE, got MODE_UNSPECIFIED",
         id="mode-unspecified",
     ),
 ]

@@ -49,7 +49,24 @@ DEFAULT_MESSAGE_BYTES = 16 * MiB
 SERVICE = pb.DESCRIPTOR.services_by_name["Normalizer"]
 PREFIX = f"/{SERVICE.full_name}/"
 UNARY = [m.name for m in SERVICE.methods if not m.client_streaming]
-ID_METHODS = ["GetSession", "DeleteSession", "ResetSession", "ExportState", "ImportState"]
+#: the RPCs whose request is the session id alone (freezing, calibration, adaptation)
+SESSION_ONLY = [
+    "StartCalibration",
+    "CommitCalibration",
+    "AbortCalibration",
+    "FreezeSession",
+    "UnfreezeSession",
+    "ResetAdaptation",
+    "PromoteAdaptation",
+]
+ID_METHODS = [
+    "GetSession",
+    "DeleteSession",
+    "ResetSession",
+    "ExportState",
+    "ImportState",
+    *SESSION_ONLY,
+]
 OTHER_PATHS = [
     "/grpc.health.v1.Health/Check",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -200,13 +217,21 @@ def _valid_unary(rng: random.Random, method: str) -> bytes:
         ).SerializeToString()
     if method == "Normalize":
         x = _tensor(rng, c, rng.randint(0, 8))
-        return wire.encode_normalize_request(sid, rng.choice([1, 2]), x, rng.random() < 0.3)
+        adaptation = None
+        if rng.random() < 0.2:
+            adaptation = (rng.choice([0.0, 0.5, 1.0, 2.0, float("nan")]), rng.random() < 0.5)
+        return wire.encode_normalize_request(
+            sid, rng.choice([1, 2, 3]), x, rng.random() < 0.3, adaptation=adaptation
+        )
+    if method in SESSION_ONLY:
+        return getattr(pb, f"{method}Request")(session_id=sid).SerializeToString()
     if method == "SyncReduce":  # the fuzzed sessions are not synchronized: refused, never waits
+        g = torch.Generator().manual_seed(rng.randint(0, 2**31))  # from the case's rng alone
         return pb.SyncReduceRequest(
             session_id=sid,
             sync=pb.SyncStep(rank=rng.randint(0, 3), step=rng.randint(0, 2**64 - 1)),
-            sum_dy=wire.tensor_to_proto(torch.randn(c)),
-            sum_dy_xhat=wire.tensor_to_proto(torch.randn(rng.choice([c, c + 1]))),
+            sum_dy=wire.tensor_to_proto(torch.randn(c, generator=g)),
+            sum_dy_xhat=wire.tensor_to_proto(torch.randn(rng.choice([c, c + 1]), generator=g)),
             count=rng.randint(0, 100),
         ).SerializeToString()
     raise AssertionError(method)

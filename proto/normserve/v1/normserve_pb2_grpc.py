@@ -85,6 +85,41 @@ class NormalizerStub:
                 request_serializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.FromString,
                 _registered_method=True)
+        self.StartCalibration = channel.unary_unary(
+                '/normserve.v1.Normalizer/StartCalibration',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.StartCalibrationRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.StartCalibrationResponse.FromString,
+                _registered_method=True)
+        self.CommitCalibration = channel.unary_unary(
+                '/normserve.v1.Normalizer/CommitCalibration',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.CommitCalibrationRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.CommitCalibrationResponse.FromString,
+                _registered_method=True)
+        self.AbortCalibration = channel.unary_unary(
+                '/normserve.v1.Normalizer/AbortCalibration',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.AbortCalibrationRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.AbortCalibrationResponse.FromString,
+                _registered_method=True)
+        self.FreezeSession = channel.unary_unary(
+                '/normserve.v1.Normalizer/FreezeSession',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.FreezeSessionRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.FreezeSessionResponse.FromString,
+                _registered_method=True)
+        self.UnfreezeSession = channel.unary_unary(
+                '/normserve.v1.Normalizer/UnfreezeSession',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionResponse.FromString,
+                _registered_method=True)
+        self.ResetAdaptation = channel.unary_unary(
+                '/normserve.v1.Normalizer/ResetAdaptation',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.ResetAdaptationRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.ResetAdaptationResponse.FromString,
+                _registered_method=True)
+        self.PromoteAdaptation = channel.unary_unary(
+                '/normserve.v1.Normalizer/PromoteAdaptation',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationResponse.FromString,
+                _registered_method=True)
 
 
 class NormalizerServicer:
@@ -165,6 +200,72 @@ class NormalizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCalibration(self, request, context):
+        """Recalibration (precise batch norm) of a batch norm, batch renorm, ghost batch norm or
+        recurrent batch norm session with running statistics (others: FAILED_PRECONDITION).
+        StartCalibration begins one: an empty accumulator (Session.calibration), version + 1;
+        FAILED_PRECONDITION if one is in progress. Then MODE_CALIBRATE Normalize calls each fold their
+        batch's exact per-channel count, mean and M2 (float64, Chan's merge) into it: every value
+        weighs the same, whatever the batch sizes (not an exponential average). Until the commit,
+        MODE_EVAL uses the old running statistics and MODE_TRAIN is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitCalibration(self, request, context):
+        """Replaces, atomically, running_mean with the accumulated population mean and running_var with
+        the unbiased population variance M2 / (count - 1), and ends the calibration; version + 1,
+        num_batches_tracked unchanged. Recurrent batch norm: only the slots that received calibration
+        batches are replaced. FAILED_PRECONDITION, nothing changed: not calibrating, no batch
+        accumulated, or a slot with a single value per channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCalibration(self, request, context):
+        """Discards the accumulator: the running statistics, num_batches_tracked, weight and bias stay
+        exactly as they were; version + 1 (the version is the stores' compare-and-set counter and
+        never goes back). FAILED_PRECONDITION if not calibrating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreezeSession(self, request, context):
+        """Freezes a session: until UnfreezeSession it refuses every change of state with
+        FAILED_PRECONDITION (MODE_TRAIN, synchronized steps, ResetSession, ImportState, calibration
+        start, batches, commit and abort, adapting calls that accumulate, adaptation reset and
+        promotion); MODE_EVAL and reads work. Freezing is itself a change of state: version + 1
+        (freezing a frozen session changes nothing). Any session kind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfreezeSession(self, request, context):
+        """Unfreezes a session: version + 1 (an unfrozen one: nothing changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetAdaptation(self, request, context):
+        """Discards the adapted statistics (Session.adapted); version + 1 (none: nothing changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteAdaptation(self, request, context):
+        """Replaces, atomically, the running statistics with the adapted ones and discards those;
+        version + 1, num_batches_tracked unchanged. FAILED_PRECONDITION if there are none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NormalizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +318,41 @@ def add_NormalizerServicer_to_server(servicer, server):
                     servicer.SyncReduce,
                     request_deserializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.SerializeToString,
+            ),
+            'StartCalibration': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCalibration,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.StartCalibrationRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.StartCalibrationResponse.SerializeToString,
+            ),
+            'CommitCalibration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitCalibration,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.CommitCalibrationRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.CommitCalibrationResponse.SerializeToString,
+            ),
+            'AbortCalibration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCalibration,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.AbortCalibrationRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.AbortCalibrationResponse.SerializeToString,
+            ),
+            'FreezeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeSession,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.FreezeSessionRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.FreezeSessionResponse.SerializeToString,
+            ),
+            'UnfreezeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfreezeSession,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionResponse.SerializeToString,
+            ),
+            'ResetAdaptation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetAdaptation,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.ResetAdaptationRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.ResetAdaptationResponse.SerializeToString,
+            ),
+            'PromoteAdaptation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteAdaptation,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +626,195 @@ class Normalizer:
             '/normserve.v1.Normalizer/SyncReduce',
             normserve_dot_v1_dot_normserve__pb2.SyncReduceRequest.SerializeToString,
             normserve_dot_v1_dot_normserve__pb2.SyncReduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCalibration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/StartCalibration',
+            normserve_dot_v1_dot_normserve__pb2.StartCalibrationRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.StartCalibrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitCalibration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/CommitCalibration',
+            normserve_dot_v1_dot_normserve__pb2.CommitCalibrationRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.CommitCalibrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCalibration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/AbortCalibration',
+            normserve_dot_v1_dot_normserve__pb2.AbortCalibrationRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.AbortCalibrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/FreezeSession',
+            normserve_dot_v1_dot_normserve__pb2.FreezeSessionRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.FreezeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfreezeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/UnfreezeSession',
+            normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.UnfreezeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetAdaptation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/ResetAdaptation',
+            normserve_dot_v1_dot_normserve__pb2.ResetAdaptationRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.ResetAdaptationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteAdaptation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalizer/PromoteAdaptation',
+            normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.PromoteAdaptationResponse.FromString,
             options,
             channel_credentials,
             insecure,

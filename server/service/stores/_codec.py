@@ -1,7 +1,9 @@
 """Session records and states as bytes, for the stores that keep them outside this process.
 
 Never pickle: a state is a small JSON header (scalars, and each tensor's name, dtype and shape)
-followed by the tensors' raw little-endian bytes; a record is JSON. ``frame`` wraps any payload
+followed by the tensors' raw little-endian bytes; a record is JSON. A state's frozen flag,
+calibration accumulator and adapted statistics are optional header keys and tensors, written only
+when present: snapshots written before they existed load unchanged. ``frame`` wraps any payload
 with a magic, its length and a CRC-32, so a truncated or corrupted copy is detected, never
 loaded as wrong numbers.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from normserve.server.service._config import Kind, SessionConfig
-from normserve.server.service._state import SessionState
+from normserve.server.service._state import Adapted, Calibration, SessionState
 from normserve.server.service.stores._base import SessionRecord
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
 ]
 
 _TENSORS = ("running_mean", "running_var", "weight", "bias")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the optional tensors: a calibration's accumulator, the adapted statistics
+_EXTRA = ("calibration.count", "calibration.mean", "calibration.m2", "adapted.mean", "adapted.var")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 _HEAD = struct.Struct("<4sII")  # magic, payload length, CRC-32 of the payload
 _MAGIC = b"NSv1"
 
@@ -69,9 +73,22 @@ def encode_state(state: SessionState) -> bytes:
         "uid": state.uid,
         "tensors": [],
     }
+    tensors: dict[str, torch.Tensor | None] = {name: getattr(state, name) for name in _TENSORS}
+    if state.frozen:
+        head["frozen"] = True
+    c = state.calibration
+    if c is not None:
+        head["calibration"] = {"batches": c.batches, "samples": c.samples, "start": c.start_time}
+        tensors |= {
+            "calibration.count": c.count,
+            "calibration.mean": c.mean,
+            "calibration.m2": c.m2,
+        }
+    if state.adapted is not None:
+        head["adapted"] = {"batches": state.adapted.batches}
+        tensors |= {"adapted.mean": state.adapted.mean, "adapted.var": state.adapted.var}
     blobs = []
-    for name in _TENSORS:
-        value = getattr(state, name)
+    for name, value in tensors.items():
         if value is None:
             continue
         cpu = value.detach().to("cpu").contiguous()
@@ -86,7 +103,7 @@ def decode_state(data: bytes) -> SessionState:
         (n,) = struct.unpack_from("<I", data)
         head = json.loads(data[4 : 4 + n])
         offset = 4 + n
-        tensors: dict[str, torch.Tensor | None] = dict.fromkeys(_TENSORS)
+        tensors: dict[str, torch.Tensor | None] = dict.fromkeys(_TENSORS + _EXTRA)
         for name, dtype, shape in head["tensors"]:
             if name not in tensors or dtype not in _DTYPES:
                 raise CorruptData(f"unexpected tensor {name!r} of {dtype!r}")
@@ -105,11 +122,29 @@ def decode_state(data: bytes) -> SessionState:
             offset += size
         if offset != len(data):
             raise CorruptData(f"{len(data) - offset} unexpected bytes after the tensors")
+        extra = {name: tensors.pop(name) for name in _EXTRA}
+        calibration = adapted = None
+        if "calibration" in head:
+            c = head["calibration"]
+            counts, mean, m2 = (extra[f"calibration.{k}"] for k in ("count", "mean", "m2"))
+            if counts is None or mean is None or m2 is None:
+                raise CorruptData("a calibration without its tensors")
+            calibration = Calibration(
+                counts, mean, m2, int(c["batches"]), int(c["samples"]), float(c["start"])
+            )
+        if "adapted" in head:
+            a_mean, a_var = extra["adapted.mean"], extra["adapted.var"]
+            if a_mean is None or a_var is None:
+                raise CorruptData("adapted statistics without their tensors")
+            adapted = Adapted(a_mean, a_var, int(head["adapted"]["batches"]))
         return SessionState(
             version=int(head["version"]),
             num_batches_tracked=int(head["num_batches_tracked"]),
             update_time=float(head["update_time"]),
             uid=str(head.get("uid", "")),
+            frozen=bool(head.get("frozen", False)),
+            calibration=calibration,
+            adapted=adapted,
             **tensors,  # type: ignore[arg-type]
         )
     except CorruptData:
