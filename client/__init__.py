@@ -42,7 +42,12 @@ if TYPE_CHECKING:
         RemoteRecurrentBatchNorm1d,
     )
     from normserve.client._calibration import recalibrate
-    from normserve.client._modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d
+    from normserve.client._modules import (
+        RemoteBatchNorm1d,
+        RemoteBatchNorm2d,
+        RemoteBatchNorm3d,
+        RemoteNorm,
+    )
     from normserve.client._norm_modules import (
         RemoteGroupNorm,
         RemoteInstanceNorm1d,
@@ -83,6 +88,7 @@ __all__ = [
     "RemoteInstanceNorm2d",
     "RemoteInstanceNorm3d",
     "RemoteLayerNorm",
+    "RemoteNorm",
     "RemoteRMSNorm",
     "RemoteRecurrentBatchNorm1d",
     "RemoteSyncBatchNorm1d",
@@ -96,7 +102,7 @@ __all__ = [
     "recalibrate",
 ]
 
-_MODULES = ("RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d")
+_MODULES = ("RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "RemoteNorm")
 _NORM_MODULES = (
     "RemoteGroupNorm",
     "RemoteInstanceNorm1d",

@@ -40,7 +40,7 @@ from normserve.client._common import DEFAULT_TARGET, KindName, SessionInfo
 from normserve.client._errors import AlreadyExistsError, NotFoundError
 from normserve.client._sync import Client
 
-__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d"]
+__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "RemoteNorm"]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 IfExists = Literal["attach", "error"]
@@ -551,3 +551,8 @@ class RemoteBatchNorm3d(_RemoteBatchNorm):
     """``torch.nn.BatchNorm3d`` over ``[N, C, D, H, W]``, statistics on a server."""
 
     _ranks = (5,)
+
+
+#: The base class of every remote normalization module, public for ``isinstance`` checks (e.g.
+#: ``[m for m in model.modules() if isinstance(m, RemoteNorm)]`` to connect or recalibrate them).
+RemoteNorm = _RemoteNorm
