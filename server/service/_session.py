@@ -457,11 +457,16 @@ class Session:
         empty = x.numel() == 0
         if kind.updates_running(mode):
             idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
-            # A worker thread does the batch's work before taking the lock, so calls to one
-            # session compute in parallel; the lock orders the [C]-sized running update only.
-            # (Non-blocking calls run inline, on the event loop: nothing to overlap there.)
+            # When another update holds the lock, a worker thread does the batch's work before
+            # taking it, so calls to one session compute in parallel and the lock orders only
+            # the [C]-sized running update. Uncontended, the one fused kernel runs under the
+            # lock: it is cheaper, and its running statistics are torch's to the bit (the split
+            # rounds the batch mean to float32 first: a few ulps). Non-blocking calls run
+            # inline, on the event loop: nothing to overlap there.
             fold = (
-                kind.prepare_update(x, self._latest(), mode, statistics_only) if blocking else None
+                kind.prepare_update(x, self._latest(), mode, statistics_only)
+                if blocking and self._lock.locked()
+                else None
             )
             step, version, waited, ticket, replayed = self.update(
                 fold or (lambda s, n: kind.forward(x, s, mode, statistics_only, n)),
