@@ -53,7 +53,9 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def refused(**client: Any) -> UnavailableError:
-    """The error of a health check by a new client with these arguments (which must fail)."""
+    """The error of a health check by a new client with these arguments (which must fail): one
+    try (retry=0), not retries until the timeout."""
+    client = {"retry": 0, **client}
     with Client(timeout=10, options=FRESH, **client) as c, pytest.raises(UnavailableError) as err:
         c.health()
     return err.value
