@@ -20,6 +20,7 @@ from normserve.client._common import (
     SessionInfo,
 )
 from normserve.client._errors import (
+    AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_TARGET",
+    "AbortedError",
     "AlreadyExistsError",
     "AsyncClient",
     "Client",

@@ -70,16 +70,16 @@ class AsyncClient(c.ClientBase):
         """One call, tried again under the client's retry policy (see ``Client._call``)."""
         retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
         md = self._metadata(metadata)
-        unavailable: grpc.RpcError | None = None  # a refusal says more than the deadline after it
+        refusal: grpc.RpcError | None = None  # says more than the deadline that ends the retries
         while True:
             try:
                 return await method(request, timeout=retrier.timeout(), metadata=md)
             except grpc.RpcError as err:
                 code = err.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    unavailable = err
-                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None:
-                    err = unavailable
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                    refusal = err  # e.g. a synchronized step a participant never reached
+                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and refusal is not None:
+                    err = refusal
                 if after_retry is not None and retrier.failed:
                     answer = await after_retry(code)
                     if answer is not None:
@@ -102,7 +102,7 @@ class AsyncClient(c.ClientBase):
 
     async def create_session(
         self,
-        num_features: int,
+        num_features: int = 0,
         *,
         session_id: str = "",
         eps: float | None = None,
@@ -315,14 +315,28 @@ class AsyncClient(c.ClientBase):
         self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
     ) -> AsyncIterator[c.SessionInfo]:
         """``async with client.calibration(sid):`` starts a recalibration, commits it when the
-        block ends, aborts it when the block raises (and re-raises)."""
+        block ends, aborts it when the block raises (and re-raises) or the commit is refused
+        (e.g. no batch was accumulated): the session never stays calibrating."""
         info = await self.start_calibration(session_id, timeout=timeout, metadata=metadata)
         try:
             yield info
-        except BaseException:
-            await self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+        except BaseException as err:
+            try:
+                await self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            except Exception as abort_err:  # the block's own error is the one to see
+                err.add_note(f"(and aborting the calibration failed: {abort_err})")
             raise
-        await self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+        try:
+            await self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+        except BaseException as err:
+            # a refused commit (nothing accumulated, ...) must not leave the session calibrating
+            try:
+                await self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            except Exception as abort_err:
+                err.add_note(f"(and aborting the calibration failed: {abort_err})")
+            else:
+                err.add_note("the calibration was aborted: the running statistics are unchanged")
+            raise
 
     # ---- normalization
 

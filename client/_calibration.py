@@ -4,8 +4,9 @@ Every ``RemoteBatchNorm*d`` (and its batch renorm, ghost, recurrent and synchron
 the model starts a recalibration of its session; the batches then run through the model with each
 of those layers sending MODE_CALIBRATE calls (normalizing with the batch's own statistics, as in
 training, and accumulating exact population statistics); at the end every session commits. If
-anything raises, every calibration started is aborted and the running statistics stay as they
-were. Layers that share one session calibrate it once.
+anything raises before the commits, every calibration started is aborted and the running
+statistics stay as they were; a refused commit aborts the layers after it. Layers that share one
+session calibrate it once; a layer the batches never reached is aborted, not committed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def recalibrate(
     any iterable); returns each session's state after the commit, by module name. ``run(model,
     batch)`` feeds one batch (default: ``model(batch)``, or ``model(batch[0])`` for a tuple or
     list); ``max_batches`` stops early. The model runs under ``torch.no_grad``, its training
-    mode untouched."""
+    mode untouched. A layer no batch reached (an unused head) is aborted, keeping its statistics,
+    and left out of the answer; if no layer got a batch, every calibration is aborted and
+    ValueError raised. An error names the layer it came from; no session is left calibrating."""
     layers: dict[tuple[int, str], tuple[str, _RemoteBatchNorm]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _RemoteBatchNorm):
@@ -77,14 +80,46 @@ def recalibrate(
                     run(model, batch)
                 else:
                     model(_first(batch))
-    except BaseException:
-        for module in started:
-            module.client.abort_calibration(module.session_id)
+        # a layer the batches never reached (an unused head; an empty loader) has nothing to
+        # commit: it is aborted, keeping its statistics, and left out of the answer
+        counts = {
+            key: module.client.get_session(module.session_id, tensors=False).calibration_batches
+            for key, (_, module) in layers.items()
+        }
+        if not any(counts.values()):
+            raise ValueError(
+                "recalibrate: no batch reached any remote batch norm layer (the batches were "
+                "empty, or max_batches=0); every calibration was aborted, nothing changed"
+            )
+    except BaseException as err:
+        _abort(started, err)
         raise
     finally:
         for module in patched:
             del module._normalize  # the class's own again
-    return {
-        name: module.client.commit_calibration(module.session_id)
-        for name, module in layers.values()
-    }
+    committed: dict[str, SessionInfo] = {}
+    pending = [(key, name, module) for key, (name, module) in layers.items()]
+    for i, (key, name, module) in enumerate(pending):
+        try:
+            if counts[key]:
+                committed[name] = module.client.commit_calibration(module.session_id)
+            else:
+                module.client.abort_calibration(module.session_id)
+        except BaseException as err:
+            err.add_note(
+                f"recalibrate: layer {name or '(the model)'!r} (session {module.session_id!r}); "
+                f"committed before it: {sorted(committed) or 'none'}; the layers after it were "
+                "aborted"
+            )
+            _abort([m for _, _, m in pending[i + 1 :]], err)
+            raise
+    return committed
+
+
+def _abort(modules: list[_RemoteBatchNorm], err: BaseException) -> None:
+    """Aborts these layers' calibrations; a failure is noted on ``err``, the error to raise."""
+    for module in modules:
+        try:
+            module.client.abort_calibration(module.session_id)
+        except Exception as abort_err:
+            err.add_note(f"(aborting session {module.session_id!r} failed: {abort_err})")

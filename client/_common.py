@@ -360,6 +360,12 @@ def normalize_key(
 ) -> str:
     """The idempotency key of a call that changes state (TRAIN, CALIBRATE, an accumulating
     adaptation): the caller's, or a fresh one; "" for a call that changes nothing."""
+    if accumulate and adapt is None:
+        raise ValueError(
+            "adapt_accumulate=True needs adapt= (the batch's weight in the mix, in [0, 1]): "
+            "without it the call is a plain normalization, and in TRAIN mode it would move the "
+            "running statistics"
+        )
     value = mode_value(mode)
     if value in (pb.MODE_TRAIN, pb.MODE_CALIBRATE) or (adapt is not None and accumulate):
         return idempotency_key or new_idempotency_key()

@@ -8,6 +8,8 @@
      +-- ResourceExhaustedError  RESOURCE_EXHAUSTED: a server limit, or a message too large
      +-- DeadlineExceededError   DEADLINE_EXCEEDED: the per-call timeout passed
      +-- UnavailableError        UNAVAILABLE: the server cannot be reached (or is shutting down)
+     +-- AbortedError            ABORTED: nothing was applied, try again (a synchronized step a
+                                 participant missed; an update that lost too many races)
 
 A raw ``grpc.RpcError`` never escapes the client. Where the cause is recognisable (nothing listens
 at the target, the target speaks HTTP/1 rather than gRPC, its host does not resolve, client and
@@ -19,6 +21,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -71,6 +74,10 @@ class UnavailableError(NormserveError):
     pass
 
 
+class AbortedError(NormserveError):
+    pass
+
+
 _BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
@@ -79,6 +86,7 @@ _BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.ABORTED: AbortedError,
 }
 
 

@@ -63,16 +63,16 @@ class Client(c.ClientBase):
         create): its result, or None to raise it."""
         retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
         md = self._metadata(metadata)
-        unavailable: grpc.RpcError | None = None  # a refusal says more than the deadline after it
+        refusal: grpc.RpcError | None = None  # says more than the deadline that ends the retries
         while True:
             try:
                 return method(request, timeout=retrier.timeout(), metadata=md)
             except grpc.RpcError as err:
                 code = err.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    unavailable = err
-                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None:
-                    err = unavailable
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                    refusal = err  # e.g. a synchronized step a participant never reached
+                elif code == grpc.StatusCode.DEADLINE_EXCEEDED and refusal is not None:
+                    err = refusal
                 if after_retry is not None and retrier.failed:
                     answer = after_retry(code)
                     if answer is not None:
@@ -95,7 +95,7 @@ class Client(c.ClientBase):
 
     def create_session(
         self,
-        num_features: int,
+        num_features: int = 0,
         *,
         session_id: str = "",
         eps: float | None = None,
@@ -302,14 +302,28 @@ class Client(c.ClientBase):
         self, session_id: str, *, timeout: Any = _DEFAULT, metadata: c.Metadata = None
     ) -> Iterator[c.SessionInfo]:
         """``with client.calibration(sid):`` starts a recalibration, commits it when the block
-        ends, aborts it when the block raises (and re-raises)."""
+        ends, aborts it when the block raises (and re-raises) or the commit is refused (e.g. no
+        batch was accumulated): the session never stays calibrating."""
         info = self.start_calibration(session_id, timeout=timeout, metadata=metadata)
         try:
             yield info
-        except BaseException:
-            self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+        except BaseException as err:
+            try:
+                self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            except Exception as abort_err:  # the block's own error is the one to see
+                err.add_note(f"(and aborting the calibration failed: {abort_err})")
             raise
-        self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+        try:
+            self.commit_calibration(session_id, timeout=timeout, metadata=metadata)
+        except BaseException as err:
+            # a refused commit (nothing accumulated, ...) must not leave the session calibrating
+            try:
+                self.abort_calibration(session_id, timeout=timeout, metadata=metadata)
+            except Exception as abort_err:
+                err.add_note(f"(and aborting the calibration failed: {abort_err})")
+            else:
+                err.add_note("the calibration was aborted: the running statistics are unchanged")
+            raise
 
     # ---- normalization
 

@@ -409,7 +409,7 @@ class RedisPhase(Generic[T]):
         if not 0 <= sync.rank < k:
             raise InvalidArgument(
                 "sync.rank",
-                f"must be in [0, {k}) for {self.what}'s {k} participants, got {sync.rank}",
+                f"must be in [0, {k}) for the {k} participants of {self.what}, got {sync.rank}",
             )
 
     async def gather(

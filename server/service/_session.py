@@ -268,6 +268,13 @@ class Session:
             try:
                 new = compute(s)
             except (FailedPrecondition, _Same):
+                if idempotency is not None:
+                    # a retry of an update that was applied before the session was frozen (or
+                    # started calibrating, ...): answered as applied, not refused
+                    applied = self._store.applied(self.key, idempotency.key)
+                    if applied is not None:
+                        self.touch()
+                        return s, s, AlreadyApplied(applied)
                 if fresh:
                     raise
                 # a refusal (or a no-op) decided on a view that another process may have moved
@@ -383,7 +390,7 @@ class Session:
                     n = self._next_count(s, step.batches)
                 return s.advanced(num_batches_tracked=n, **step.running)
 
-            _, new, ticket = self._transition(next_state, idempotency)
+            before, new, ticket = self._transition(next_state, idempotency)
             if isinstance(ticket, AlreadyApplied):
                 assert idempotency is not None
                 applied = ticket.applied
@@ -394,6 +401,9 @@ class Session:
                         f"; this one is {idempotency.fingerprint}): every call needs a key of its "
                         "own; nothing was applied",
                     )
+                if not steps:  # refused before computing (frozen, calibrating): the batch's
+                    # own answer, computed from the request as a first try would have
+                    steps.append(compute(before, before.num_batches_tracked + 1))
                 return steps[-1], applied.version, waited, None, True
             return steps[-1], new.version, waited, ticket, False
         finally:
@@ -609,7 +619,7 @@ class Session:
         if s.frozen:
             raise FailedPrecondition(
                 f"session {self.session_id!r} is frozen: it refuses to {what}; unfreeze it "
-                "first (UnfreezeSession)"
+                f"first (UnfreezeSession; `normserve session unfreeze {self.session_id}`)"
             )
 
     def _check_trainable(self, s: SessionState) -> None:
@@ -617,14 +627,15 @@ class Session:
         if s.calibration is not None:
             raise FailedPrecondition(
                 f"session {self.session_id!r} is calibrating: TRAIN updates are refused until "
-                "CommitCalibration or AbortCalibration"
+                "CommitCalibration or AbortCalibration (`normserve session calibrate-commit|"
+                f"calibrate-abort {self.session_id}`)"
             )
 
     def _calibrating(self, s: SessionState, what: str) -> Calibration:
         if s.calibration is None:
             raise FailedPrecondition(
                 f"session {self.session_id!r} is not calibrating: {what} needs StartCalibration "
-                "first"
+                f"first (`normserve session calibrate-start {self.session_id}`)"
             )
         return s.calibration
 

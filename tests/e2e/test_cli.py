@@ -366,7 +366,7 @@ def test_freeze_calibrate_and_adaptation_commands(
         "error": {
             "code": "FAILED_PRECONDITION",
             "message": "session 'cal' is not calibrating: AbortCalibration needs "
-            "StartCalibration first",
+            "StartCalibration first (`normserve session calibrate-start cal`)",
             "hint": "",
         }
     }
@@ -377,7 +377,7 @@ def test_freeze_calibrate_and_adaptation_commands(
     assert reset.returncode == 1
     assert reset.stderr.strip() == (
         "normserve: FAILED_PRECONDITION: session 'cal' is frozen: it refuses to reset; "
-        "unfreeze it first (UnfreezeSession)"
+        "unfreeze it first (UnfreezeSession; `normserve session unfreeze cal`)"
     )
     rc, doc = _json("session", "unfreeze", "cal", *t)
     assert rc == 0 and isinstance(doc, dict) and not doc["frozen"]

@@ -132,15 +132,17 @@ def test_calibration_refusals_change_nothing(client: Client, stub: pb_grpc.Norma
     with unchanged(client, sid):
         with expect_status(
             FP,
-            "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first",
+            "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first (`normserve session calibrate-start cal`)",
         ):
             stub.Normalize(_request(sid, x, pb.MODE_CALIBRATE))
         with expect_status(
-            FP, "session 'cal' is not calibrating: CommitCalibration needs StartCalibration first"
+            FP,
+            "session 'cal' is not calibrating: CommitCalibration needs StartCalibration first (`normserve session calibrate-start cal`)",
         ):
             stub.CommitCalibration(pb.CommitCalibrationRequest(session_id=sid))
         with expect_status(
-            FP, "session 'cal' is not calibrating: AbortCalibration needs StartCalibration first"
+            FP,
+            "session 'cal' is not calibrating: AbortCalibration needs StartCalibration first (`normserve session calibrate-start cal`)",
         ):
             stub.AbortCalibration(pb.AbortCalibrationRequest(session_id=sid))
     client.start_calibration(sid)
@@ -160,7 +162,7 @@ def test_calibration_refusals_change_nothing(client: Client, stub: pb_grpc.Norma
         with expect_status(
             FP,
             "session 'cal' is calibrating: TRAIN updates are refused until CommitCalibration or "
-            "AbortCalibration",
+            "AbortCalibration (`normserve session calibrate-commit|calibrate-abort cal`)",
         ):
             stub.Normalize(_request(sid, x, pb.MODE_TRAIN))
         with expect_status(
@@ -282,7 +284,10 @@ def test_a_frozen_session_refuses_every_change_and_answers_eval(
     assert client.freeze(sid).version == frozen.version  # already frozen: nothing changes
 
     def refused(what: str) -> str:
-        return f"session 'ice' is frozen: it refuses to {what}; unfreeze it first (UnfreezeSession)"
+        return (
+            f"session 'ice' is frozen: it refuses to {what}; unfreeze it first (UnfreezeSession; "
+            "`normserve session unfreeze ice`)"
+        )
 
     state = client.export_state(sid)
     with unchanged(client, sid):
@@ -327,7 +332,10 @@ def test_freezing_during_a_calibration_holds_it(
     client.start_calibration(sid)
     client.normalize(sid, torch.randn(8, C), mode="calibrate")
     client.freeze(sid)
-    msg = "session 'hold' is frozen: it refuses to {}; unfreeze it first (UnfreezeSession)"
+    msg = (
+        "session 'hold' is frozen: it refuses to {}; unfreeze it first (UnfreezeSession; "
+        "`normserve session unfreeze hold`)"
+    )
     with unchanged(client, sid):
         with expect_status(FP, msg.format("fold in calibration batches")):
             stub.Normalize(_request(sid, torch.randn(8, C), pb.MODE_CALIBRATE))
@@ -603,7 +611,7 @@ def test_a_frozen_synchronized_session_refuses_its_train_steps(client: Client) -
                 f.result(timeout=60)
             assert err.value.message == (
                 "session 'sync-ice' is frozen: it refuses to apply TRAIN updates; unfreeze it "
-                "first (UnfreezeSession)"
+                "first (UnfreezeSession; `normserve session unfreeze sync-ice`)"
             )
 
 

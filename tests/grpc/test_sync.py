@@ -76,7 +76,7 @@ def test_the_rules_as_status_codes(server: Server, client: Client) -> None:
             stub.Normalize(_request(sid, x, 0, 0), timeout=10)
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"sync.rank: must be in [0, 2) for session {sid!r}'s 2 participants, got 2",
+            f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
         ):
             stub.Normalize(_request(sid, x, 2, 0), timeout=10)
         with expect_status(

@@ -140,7 +140,7 @@ def test_the_rules_across_replicas(
                 b.Normalize(_request(sid, y, 1, 0), timeout=10)
             with expect_status(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"sync.rank: must be in [0, 2) for session {sid!r}'s 2 participants, got 2",
+                f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
             ):
                 b.Normalize(_request(sid, x, 2, 0), timeout=10)
         # rank 0 waits on one replica; rank 0 again (another batch) on the other is refused

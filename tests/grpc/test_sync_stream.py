@@ -110,7 +110,7 @@ def test_the_rules_on_streams(server: Server, client: Client, stub: pb_grpc.Norm
             _answers(stub, _chunks(sid, x, 0, 0))
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"sync.rank: must be in [0, 2) for session {sid!r}'s 2 participants, got 2",
+            f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
         ):
             _answers(stub, _chunks(sid, x, 2, 0))
         with expect_status(

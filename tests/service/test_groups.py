@@ -143,7 +143,7 @@ def test_duplicate_out_of_range_and_stale_are_invalid(service: NormalizerService
         with pytest.raises(InvalidArgument) as out_of_range:
             await service.normalize(_call(sid, x, 2, 5), lambda r: r)
         assert str(out_of_range.value).endswith(
-            f"must be in [0, 2) for session {sid!r}'s 2 participants, got 2"
+            f"must be in [0, 2) for the 2 participants of session {sid!r}, got 2"
         )
         await service.normalize(_call(sid, x, 1, 5), lambda r: r)
         await first
