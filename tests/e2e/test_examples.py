@@ -174,7 +174,7 @@ def test_eval_serving_matches_torch_eval_and_leaves_the_session_alone(
     no_sessions_left(client)
 
 
-# ---- calibration.py: statistics_only TRAIN with momentum=None
+# ---- calibration.py: precise batch norm (the calibration API) against the old recipe
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,50 +182,68 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(1), flat.var(1)
 
 
-@pytest.mark.parametrize("one_batch", [False, True], ids=["batches", "one-batch"])
-def test_calibration_matches_the_dataset_statistics(
-    server: Server, client: Client, tmp_path: Path, one_batch: bool
+@pytest.mark.parametrize("model", [False, True], ids=["context-manager", "recalibrate-model"])
+def test_calibration_commits_the_dataset_statistics(
+    server: Server, client: Client, tmp_path: Path, model: bool
 ) -> None:
     saved = tmp_path / "calibration.pt"
     out = run_example(
         "calibration.py",
         *("--channels", "5", "--size", "4", "--batch", "32", "--batches", "12"),
-        *("--save", str(saved), *(("--one-batch",) if one_batch else ())),
+        *("--save", str(saved), *(("--model",) if model else ())),
         env={"NORMSERVE_TARGET": server.address},  # the default target
     )
     data = torch.load(saved, weights_only=True)
     calib = data["calibration_data"]
     assert calib.shape == (32 * 12, 5, 4, 4)
+    sizes = data["batch_sizes"]
+    assert sum(sizes) == len(calib) and len(sizes) == 12
+    assert len(set(sizes)) > 1 and min(sizes) > 1  # unequal batches, each a valid one
     mean, var = _channel_stats(calib)
+
+    # The commit installed the population mean and unbiased variance (float64 accumulation,
+    # float32 storage): equal within 1e-6 relative.
     after_mean, after_var = data["after"]["mean"].double(), data["after"]["var"].double()
+    assert ((after_mean - mean).abs() / mean.abs()).max() <= 1e-6
+    assert ((after_var - var).abs() / var).max() <= 1e-6
+    nbt = data["num_batches_tracked"]
+    assert nbt["after"] == nbt["before"] == 30  # the commit leaves the count alone
 
-    # Equal-size batches: the cumulative average of batch means is the dataset mean.
-    torch.testing.assert_close(after_mean, mean, rtol=1e-6, atol=1e-5)
-    # The running variance is the average of the batches' unbiased variances (torch's
-    # momentum=None), which is the dataset's unbiased variance when it is one batch.
-    batches = calib.split(data["batch"])
-    assert data["num_batches_tracked"] == len(batches) == (1 if one_batch else 12)
-    per_batch = torch.stack([_channel_stats(b)[1] for b in batches]).mean(0)
-    torch.testing.assert_close(after_var, per_batch, rtol=1e-5, atol=0)
-    if one_batch:
-        torch.testing.assert_close(after_var, var, rtol=1e-5, atol=0)
-    else:
-        assert not torch.allclose(after_var, var, rtol=1e-5, atol=0)  # the between-batch gap
-        torch.testing.assert_close(after_var, var, rtol=0.05, atol=0)
-    # the old statistics were far from the new traffic's
+    # The old recipe averaged the batches' means and unbiased variances, every batch weighing
+    # the same (torch's momentum=None), which the same tolerance tells from the population.
+    batches = calib.split(sizes)
+    per_batch = [_channel_stats(b) for b in batches]
+    old_mean, old_var = data["old"]["mean"].double(), data["old"]["var"].double()
+    torch.testing.assert_close(old_mean, torch.stack([m for m, _ in per_batch]).mean(0))
+    torch.testing.assert_close(
+        old_var, torch.stack([v for _, v in per_batch]).mean(0), rtol=1e-5, atol=0
+    )
+    assert nbt["old"] == len(batches)
+    assert ((old_var - var).abs() / var).max() > 1e-4
+    assert ((old_mean - mean).abs() / mean.abs()).max() > 1e-5
+
+    # EVAL during the calibration answered with the old statistics, bit for bit, and those
+    # were far from the new traffic's.
+    assert torch.equal(data["during"]["mean"], data["before"]["mean"])
+    assert torch.equal(data["during"]["var"], data["before"]["var"])
     assert (data["before"]["mean"].double() - mean).abs().max() > 1.0
-
-    # The serving session now holds the recalibrated statistics, and EVAL on the shifted
-    # traffic is centred and scaled again.
     assert torch.equal(data["serving_state"]["running_mean"], data["after"]["mean"])
     assert torch.equal(data["serving_state"]["running_var"], data["after"]["var"])
+
+    # What it prints: the figures above, and EVAL on the shifted traffic centred and scaled
+    # only after the commit.
+    how = "recalibrate(model, batches)" if model else "client.calibration()"
+    line(rf"^{re.escape(how)}: 12 batches of {min(sizes)} to {max(sizes)} images$", out)
+    line(r"^  during the calibration \(1 batch, \d+ samples so far\): EVAL", out)
     drift = re.findall(r"EVAL on shifted traffic: mean \|mean\| (\S+), mean \|std - 1\| (\S+)", out)
-    assert len(drift) == 2, out
-    (mean_before, std_before), (mean_after, std_after) = ((float(a), float(b)) for a, b in drift)
-    assert mean_before > 1.0 and std_before > 0.5
-    assert mean_after < 0.2 and std_after < 0.2
-    d_mean = float(line(r"^running_mean vs dataset mean: max \|diff\| (\S+)$", out).group(1))
-    assert d_mean <= 1e-4
+    assert len(drift) == 3, out
+    before, during, after = ((float(a), float(b)) for a, b in drift)
+    assert before == during and before[0] > 1.0 and before[1] > 0.5
+    assert after[0] < 0.2 and after[1] < 0.2
+    figures = r"\s+(\S+)\s+(\S+)$"
+    new = [float(v) for v in line(rf"^  calibration API{figures}", out).groups()]
+    old = [float(v) for v in line(rf"^  statistics_only, momentum=None{figures}", out).groups()]
+    assert max(new) <= 1e-6 < 1e-4 < min(old)
     assert "deleted 2 sessions" in out
     no_sessions_left(client)
 
