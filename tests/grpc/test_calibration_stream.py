@@ -351,3 +351,25 @@ def test_stream_answers_carry_the_batch_statistics(
         tensor_from_proto(answers[0].mean), x.double().mean(dim=dims).float(), rtol=1e-6, atol=0
     )
     assert client.get_session(sid).calibration_batches == 1
+
+
+def test_recalibrate_streams_activations_larger_than_chunk_bytes(server: Server) -> None:
+    """A model's activations past one message (the client's max_message_bytes) go on streams and
+    calibrate as unary calls would (they used to be refused with ValueError)."""
+    from torch import nn
+
+    from normserve.client import RemoteBatchNorm2d, recalibrate
+
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 2, 5, 5, generator=g) * 2 + 1 for n in (20, 30, 16)]
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        acts = [conv(x) for x in batches]
+    assert all(a.numel() * 4 > 4096 for a in acts)  # each one past a message
+    flat = torch.cat([a.double().transpose(0, 1).reshape(3, -1) for a in acts], 1)
+    with Client(server.address, chunk_bytes=CHUNK, max_message_bytes=4096, timeout=30) as small:
+        model = nn.Sequential(conv, RemoteBatchNorm2d(3, client=small))
+        info = recalibrate(model, batches)["1"]
+    torch.testing.assert_close(info.running_mean.double(), flat.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(info.running_var.double(), flat.var(1), rtol=1e-5, atol=1e-6)
