@@ -79,6 +79,19 @@ class ChunkedBatch:
         """Whether the batch is normalized with statistics of its own (answered at its end)."""
         return self._batch_stats
 
+    def statistics_numel(self, shape: torch.Size | list[int]) -> int:
+        """How many values each of the answer's mean and var has, for an input of ``shape``: a
+        calibration or adapting batch's are whole-batch ([C]) whatever the kind."""
+        if self._moments_only:
+            return self.session.config.num_features
+        return self.session.kind.statistics_numel(shape)
+
+    @property
+    def statistics_grow(self) -> bool:
+        """Whether the answer's statistics may grow with the batch (per-sample or per virtual
+        batch), so must be checked against the message limit at the batch's end."""
+        return self.keeps_statistics and not self._moments_only
+
     @property
     def shape(self) -> list[int] | None:
         """The batch's shape so far (None before its first chunk)."""

@@ -224,7 +224,7 @@ async def serve_stream(
                     x,
                     req.statistics_only or batch.statistics_only,
                     "chunk",
-                    batch.session.kind.statistics_numel(x.shape),
+                    batch.statistics_numel(x.shape),
                 )
                 if batch.keeps_chunks:
                     share.take(max(x.numel() * x.element_size(), MIN_CHUNK_BYTES), index)
@@ -238,7 +238,8 @@ async def serve_stream(
                     sent += 1
                     yield msg
             if req.end_of_batch:
-                service.check_batch_answer(batch, index)
+                if batch.statistics_grow:  # others' [C] came with each chunk's check
+                    service.check_batch_answer(batch, index)
                 if sync is None:
                     result, count = await compute(batch.finish)
                     await service.durable(result.durable)

@@ -373,3 +373,23 @@ def test_recalibrate_streams_activations_larger_than_chunk_bytes(server: Server)
         info = recalibrate(model, batches)["1"]
     torch.testing.assert_close(info.running_mean.double(), flat.mean(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(info.running_var.double(), flat.var(1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_ghost_calibration_batch_answers_whole_batch_statistics_of_any_size() -> None:
+    """A ghost batch norm TRAIN batch answers per-virtual-batch statistics, which grow with the
+    batch and may not fit an answer; a calibration or adapting batch answers [C]: never refused
+    for that (its chunks fit)."""
+    from normserve.client import ResourceExhaustedError
+    from tests.grpc._util import serving
+
+    x = torch.randn(2000, C)  # 1000 virtual batches of 2: 32000 bytes of per-batch statistics
+    with serving(max_message_bytes=16384) as srv, Client(srv.address, chunk_bytes=5120) as client:
+        sid = client.create_session(C, kind="ghost_batch_norm", ghost_batch_size=2).session_id
+        with unchanged(client, sid), pytest.raises(ResourceExhaustedError):
+            client.normalize(sid, x)  # TRAIN: refused, as documented for growing statistics
+        client.start_calibration(sid)
+        r = client.normalize(sid, x, mode="calibrate")
+        assert r.mean.shape == (C,) and r.output.shape == x.shape
+        a = client.normalize(sid, x, adapt=0.5)
+        assert a.mean.shape == (C,) and a.output.shape == x.shape
+        assert client.get_session(sid).calibration_batches == 1
