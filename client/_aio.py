@@ -363,9 +363,7 @@ class AsyncClient(c.ClientBase):
         mode = c.resolve_mode(mode, adapt)
         key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
         adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
-        if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
-            c.check_unary(tx.fits_unary(t, self.max_message_bytes))
-        elif not tx.fits_unary(t, self.chunk_bytes):
+        if not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
                 try:
@@ -379,6 +377,8 @@ class AsyncClient(c.ClientBase):
                         idempotency_keys=iter([key]),
                         time_step=time_step,
                         sync=sync,
+                        adapt=adapt,
+                        adapt_accumulate=adapt_accumulate,
                     ):
                         return result
                     raise AssertionError("the stream ended without an answer")
@@ -414,13 +414,15 @@ class AsyncClient(c.ClientBase):
         session_id: str,
         batches: Iterable[ArrayLike],
         *,
-        mode: c.ModeName = "train",
+        mode: c.ModeName | None = None,
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
         sync: tuple[int, int] | None = None,
+        adapt: float | None = None,
+        adapt_accumulate: bool = False,
     ) -> AsyncIterator[c.NormalizeResult]:
         """Normalizes many batches on one stream; yields their results in order (see
         ``Client.normalize_stream``)."""
@@ -428,12 +430,13 @@ class AsyncClient(c.ClientBase):
 
         plan = tx.StreamPlan(
             session_id,
-            mode,
+            c.resolve_mode(mode, adapt),
             statistics_only,
             self.chunk_bytes,
             idempotency_keys,
             time_step,
             sync,
+            None if adapt is None else (float(adapt), adapt_accumulate),
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

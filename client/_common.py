@@ -372,20 +372,6 @@ def normalize_key(
     return ""
 
 
-def unary_only(mode: ModeName | str, adapt: float | None) -> bool:
-    """Calibration and adaptation ride on Normalize only (never streamed in chunks)."""
-    return adapt is not None or mode_value(mode) == pb.MODE_CALIBRATE
-
-
-def check_unary(fits: bool) -> None:
-    """A calibration or adaptation batch too large for one message cannot be sent."""
-    if not fits:
-        raise ValueError(
-            "calibration and adaptation batches must fit one message (Normalize, not a stream): "
-            "send smaller batches or raise the client's max_message_bytes (and the server's)"
-        )
-
-
 #: the session methods without arguments: (RPC name, its request message)
 CHANGES: dict[str, tuple[str, Any]] = {
     "start_calibration": ("StartCalibration", pb.StartCalibrationRequest),
@@ -694,8 +680,7 @@ class ClientBase:
         self.metadata = tuple(metadata or ())
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        #: what one message may carry: calibration and adaptation batches, which are never
-        #: streamed, go unary up to it
+        #: what one message may carry (the channel's send and receive limits)
         self.max_message_bytes = max_message_bytes
         credentials, self._auth_metadata = connection_security(
             tls=tls,

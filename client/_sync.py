@@ -349,16 +349,15 @@ class Client(c.ClientBase):
         the batch's step in a recurrent batch norm session. ``mode="calibrate"``: a recalibration batch (see
         ``calibration``). ``adapt``: an EVAL batch normalized with ``(1 - adapt)`` of the kept
         statistics and ``adapt`` of its own (mode defaults to "eval"); ``adapt_accumulate`` also
-        folds it into the session's adapted statistics. Both must fit one message."""
+        folds it into the session's adapted statistics. Like TRAIN batches, these are streamed
+        in chunks when larger than ``chunk_bytes``."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
         mode = c.resolve_mode(mode, adapt)
         key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
         adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
-        if c.unary_only(mode, adapt):  # never streamed: one message up to its limit
-            c.check_unary(tx.fits_unary(t, self.max_message_bytes))
-        elif not tx.fits_unary(t, self.chunk_bytes):
+        if not tx.fits_unary(t, self.chunk_bytes):
             # one batch on a stream of its own, tried again as a unary call would be
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
@@ -374,6 +373,8 @@ class Client(c.ClientBase):
                             idempotency_keys=iter([key]),
                             time_step=time_step,
                             sync=sync,
+                            adapt=adapt,
+                            adapt_accumulate=adapt_accumulate,
                         )
                     )
                 except NormserveError as err:
@@ -409,29 +410,36 @@ class Client(c.ClientBase):
         session_id: str,
         batches: Iterable[ArrayLike],
         *,
-        mode: c.ModeName = "train",
+        mode: c.ModeName | None = None,
         statistics_only: bool = False,
         timeout: Any = _DEFAULT,
         metadata: c.Metadata = None,
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
         sync: tuple[int, int] | None = None,
+        adapt: float | None = None,
+        adapt_accumulate: bool = False,
     ) -> Iterator[c.NormalizeResult]:
-        """Normalizes many batches on one stream; yields their results in order. Each TRAIN
-        batch carries an idempotency key (default: a fresh UUID each; ``idempotency_keys`` gives
-        them, e.g. to resend batches after a failure); ``time_step``: every batch's, in a
-        recurrent batch norm session; ``sync``: (rank, step) of the first batch on a
-        synchronized session, each later batch the next step. The stream is not retried."""
+        """Normalizes many batches on one stream; yields their results in order. ``mode``:
+        "train" (the default), "eval" (the default with ``adapt``) or "calibrate" (recalibration
+        batches, see ``calibration``); ``adapt``: every batch is an adapting EVAL batch (see
+        ``normalize``), ``adapt_accumulate`` folding each into the adapted statistics. Each batch
+        that changes state (TRAIN, CALIBRATE, accumulating adaptation) carries an idempotency key
+        (default: a fresh UUID each; ``idempotency_keys`` gives them, e.g. to resend batches
+        after a failure); ``time_step``: every batch's, in a recurrent batch norm session;
+        ``sync``: (rank, step) of the first batch on a synchronized session, each later batch the
+        next step. The stream is not retried."""
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         plan = tx.StreamPlan(
             session_id,
-            mode,
+            c.resolve_mode(mode, adapt),
             statistics_only,
             self.chunk_bytes,
             idempotency_keys,
             time_step,
             sync,
+            None if adapt is None else (float(adapt), adapt_accumulate),
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

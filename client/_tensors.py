@@ -173,14 +173,22 @@ class StreamPlan:
         idempotency_keys: Iterator[str] | None = None,
         time_step: int = 0,
         sync: tuple[int, int] | None = None,
+        adaptation: tuple[float, bool] | None = None,
     ) -> None:
-        """``idempotency_keys``: one per TRAIN batch (default: a fresh UUID each);
-        ``time_step``: every batch's (recurrent batch norm); ``sync``: (rank, step) of the first
-        batch of a synchronized session, the i-th batch taking step + i."""
+        """``idempotency_keys``: one per batch that changes state (TRAIN, CALIBRATE, an
+        accumulating adaptation; default: a fresh UUID each); ``time_step``: every batch's
+        (recurrent batch norm); ``sync``: (rank, step) of the first batch of a synchronized
+        session, the i-th batch taking step + i; ``adaptation``: every batch's (batch_weight,
+        accumulate), on its first chunk."""
         self.session_id = session_id
         self.time_step = time_step
         self._sync = sync
         self.mode = mode_value(mode)
+        self.adaptation = adaptation
+        #: whether each batch changes state, so carries an idempotency key
+        self._keyed = self.mode in (mode_value("train"), mode_value("calibrate")) or (
+            adaptation is not None and adaptation[1]
+        )
         self._keys = idempotency_keys
         self.statistics_only = statistics_only
         self.chunk_bytes = chunk_bytes
@@ -211,7 +219,7 @@ class StreamPlan:
         starts = list(range(0, n, rows)) or [0]
         last = len(starts) - 1
         key = ""
-        if self.mode == mode_value("train"):
+        if self._keyed:
             key = next(self._keys) if self._keys is not None else new_idempotency_key()
         sync = self._sync
         if sync is not None:
@@ -228,6 +236,7 @@ class StreamPlan:
                     key,
                     self.time_step,
                     sync,
+                    self.adaptation,
                 )
             else:
                 yield wire.encode_stream_request("", 0, chunk, i == last, False)

@@ -232,6 +232,7 @@ def _reencode_stream_request(raw: bytes) -> bytes:
         f.idempotency_key,
         f.time_step,
         f.sync,
+        f.adaptation,
     )
 
 
@@ -329,6 +330,17 @@ def test_adaptation_is_read_present_even_at_its_defaults() -> None:
         assert wire.parse_normalize_request(raw).adaptation == (weight, accumulate)
         assert _reencode_request(raw) == raw
     assert wire.parse_normalize_request(_TENSOR_BYTES[:0]).adaptation is None
+
+
+def test_stream_adaptation_is_read_present_even_at_its_defaults() -> None:
+    for weight, accumulate in ((0.0, False), (1.0, False), (0.3, True), (0.0, True)):
+        msg = pb.NormalizeStreamRequest(
+            session_id="s", adaptation=pb.Adaptation(batch_weight=weight, accumulate=accumulate)
+        )
+        raw = msg.SerializeToString()
+        assert wire.parse_stream_request(raw).adaptation == (weight, accumulate)
+        assert _reencode_stream_request(raw) == raw
+    assert wire.parse_stream_request(b"").adaptation is None
 
 
 def test_every_tensor_field_survives_parse_and_encode() -> None:

@@ -77,6 +77,7 @@ HANDLED: dict[str, frozenset[str]] = {
             "idempotency_key",
             "time_step",
             "sync",
+            "adaptation",
         }
     ),
     "NormalizeStreamResponse": frozenset(
@@ -314,6 +315,7 @@ _STREAM_REQUEST = _RequestFields(
     idempotency_key=_number(pb.NormalizeStreamRequest, "idempotency_key", _LEN),
     time_step=_number(pb.NormalizeStreamRequest, "time_step", _VARINT),
     sync=_number(pb.NormalizeStreamRequest, "sync", _LEN),
+    adaptation=_number(pb.NormalizeStreamRequest, "adaptation", _LEN),
 )
 
 
@@ -531,11 +533,8 @@ def encode_normalize_request(
     if sync is not None:  # present even when rank and step are 0
         body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
         parts.append(_K_RQ_SYNC + _enc_varint(len(body)) + body)
-    if adaptation is not None:  # present even when both are defaults: a = 0 is a choice
-        weight, accumulate = adaptation
-        body = _K_ADAPT_WEIGHT + _DOUBLE.pack(weight) if weight != 0.0 else b""
-        body += _scalar(_K_ADAPT_ACCUMULATE, int(accumulate))
-        parts.append(_K_RQ_ADAPTATION + _enc_varint(len(body)) + body)
+    if adaptation is not None:
+        parts.append(_adaptation_part(_K_RQ_ADAPTATION, adaptation))
     return b"".join(parts)
 
 
@@ -548,6 +547,15 @@ _K_SQ_STATISTICS_ONLY = _key(_SQ, "statistics_only", _VARINT)
 _K_SQ_IDEMPOTENCY_KEY = _key(_SQ, "idempotency_key", _LEN)
 _K_SQ_TIME_STEP = _key(_SQ, "time_step", _VARINT)
 _K_SQ_SYNC = _key(_SQ, "sync", _LEN)
+_K_SQ_ADAPTATION = _key(_SQ, "adaptation", _LEN)
+
+
+def _adaptation_part(key: bytes, adaptation: tuple[float, bool]) -> bytes:
+    """An Adaptation field, present even when both are defaults: a = 0 is a choice."""
+    weight, accumulate = adaptation
+    body = _K_ADAPT_WEIGHT + _DOUBLE.pack(weight) if weight != 0.0 else b""
+    body += _scalar(_K_ADAPT_ACCUMULATE, int(accumulate))
+    return key + _enc_varint(len(body)) + body
 
 
 def encode_stream_request(
@@ -559,6 +567,7 @@ def encode_stream_request(
     idempotency_key: str = "",
     time_step: int = 0,
     sync: tuple[int, int] | None = None,
+    adaptation: tuple[float, bool] | None = None,
 ) -> bytes:
     parts = [_string(_K_SQ_SESSION_ID, session_id), _scalar(_K_SQ_MODE, mode)]
     if tensor is not None:
@@ -572,6 +581,8 @@ def encode_stream_request(
     if sync is not None:  # present even when rank and step are 0
         body = _scalar(_K_SYNC_RANK, sync[0]) + _scalar(_K_SYNC_STEP, sync[1])
         parts.append(_K_SQ_SYNC + _enc_varint(len(body)) + body)
+    if adaptation is not None:
+        parts.append(_adaptation_part(_K_SQ_ADAPTATION, adaptation))
     return b"".join(parts)
 
 

@@ -295,6 +295,7 @@ async def stream_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[tuple[C
             req.idempotency_key,
             req.time_step,
             None if req.sync is None else SyncStep(*req.sync),
+            None if req.adaptation is None else Adaptation(*req.adaptation),
         )
         yield chunk, len(raw)
 

@@ -31,6 +31,7 @@ __all__ = [
     "Adaptation",
     "adapt_fold",
     "batch_moments",
+    "check_count",
     "check_supported",
     "committed",
     "fold",
@@ -91,14 +92,18 @@ def slot_of(config: SessionConfig, time_step: int) -> int | None:
 
 def batch_moments(x: torch.Tensor, field: str = "input") -> ops.Moments:
     """The batch's per-channel moments (float64); a batch needs more than 1 value a channel."""
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    check_count(x.numel() // x.shape[1] if x.shape[1] else 0, x.shape, field)
+    return ops.moments(x)
+
+
+def check_count(count: int, shape: torch.Size | list[int], field: str = "input") -> None:
+    """InvalidArgument unless a batch of ``shape`` has more than 1 value per channel."""
     if count < 2:
         raise InvalidArgument(
             f"{field}.shape",
             f"batch statistics need more than 1 value per channel, got input size "
-            f"{describe(x.shape)}; nothing was applied",
+            f"{describe(torch.Size(shape))}; nothing was applied",
         )
-    return ops.moments(x)
 
 
 def new_calibration(running_mean: torch.Tensor, now: float) -> Calibration:

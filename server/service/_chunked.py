@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from normserve.server import ops
+from normserve.server.service import _calibration as cal
 from normserve.server.service import _device
+from normserve.server.service._calibration import Adaptation
 from normserve.server.service._config import Mode
 from normserve.server.service._errors import InvalidArgument
 from normserve.server.service._session import NormalizeResult, Session
+from normserve.server.service.kinds import Step
 from normserve.server.service.kinds._batch_norm import describe
 
 __all__ = ["ChunkedBatch"]
@@ -22,7 +26,12 @@ __all__ = ["ChunkedBatch"]
 class ChunkedBatch:
     """Statistics are merged chunk by chunk as they arrive; nothing touches the session until
     ``finish``, so a batch that fails half-way leaves the session exactly as it was. A batch that
-    needs no statistics of its own (EVAL with running statistics) is answered chunk by chunk."""
+    needs no statistics of its own (EVAL with running statistics) is answered chunk by chunk.
+
+    A MODE_CALIBRATE batch and an adapting EVAL batch merge their chunks' exact moments
+    (``ops.moments``, Chan's merge) whatever the kind, as their unary calls compute the whole
+    batch's; at the end they are folded in once (``Session.fold_calibration``,
+    ``Session.adapted_statistics``), then their output chunks are normalized."""
 
     def __init__(
         self,
@@ -31,6 +40,7 @@ class ChunkedBatch:
         statistics_only: bool,
         idempotency_key: str = "",
         time_step: int = 0,
+        adaptation: Adaptation | None = None,
     ) -> None:
         self.session = session
         #: the kind as this batch's time step sees it (recurrent batch norm: one slot)
@@ -49,7 +59,12 @@ class ChunkedBatch:
         self._partial: Any = None
         self._prepared: Any = None
         self._state = session.state
-        self._batch_stats = self.kind.uses_batch_statistics(mode)
+        self.adaptation = adaptation
+        #: a calibration or adapting batch: whole-batch moments, its own path through the session
+        self._moments_only = mode is Mode.CALIBRATE or adaptation is not None
+        self._batch_stats = self._moments_only or self.kind.uses_batch_statistics(mode)
+        #: normalizes an output chunk of a calibration or adapting batch (set by ``finish``)
+        self._normalize_out: Callable[[torch.Tensor], torch.Tensor] | None = None
         #: normalized with a synchronized step's global statistics (``finish_synced``)
         self._synced = False
 
@@ -63,6 +78,19 @@ class ChunkedBatch:
     def keeps_statistics(self) -> bool:
         """Whether the batch is normalized with statistics of its own (answered at its end)."""
         return self._batch_stats
+
+    def statistics_numel(self, shape: torch.Size | list[int]) -> int:
+        """How many values each of the answer's mean and var has, for an input of ``shape``: a
+        calibration or adapting batch's are whole-batch ([C]) whatever the kind."""
+        if self._moments_only:
+            return self.session.config.num_features
+        return self.session.kind.statistics_numel(shape)
+
+    @property
+    def statistics_grow(self) -> bool:
+        """Whether the answer's statistics may grow with the batch (per-sample or per virtual
+        batch), so must be checked against the message limit at the batch's end."""
+        return self.keeps_statistics and not self._moments_only
 
     @property
     def shape(self) -> list[int] | None:
@@ -110,7 +138,14 @@ class ChunkedBatch:
             x = _device.to_device(x, s.device)
         self._rows += x.shape[0]
         out = None
-        if self._batch_stats:
+        if self._moments_only:
+            s.check_finite_input(x, field)
+            if x.numel():
+                m = ops.moments(x)
+                self._partial = m if self._partial is None else ops.merge_moments(self._partial, m)
+            if self.keeps_chunks:
+                self._chunks.append(x)
+        elif self._batch_stats:
             self._partial = self.kind.chunk_statistics(x, self._partial)
             if self.keeps_chunks:
                 self._chunks.append(x)
@@ -146,7 +181,9 @@ class ChunkedBatch:
         s, kind, mode = self.session, self.kind, self.mode
         shape = [self._rows, *first[1]]
         empty = self._partial is None  # no values at all: an empty batch, as torch allows
-        if not self._batch_stats:
+        if self._moments_only:
+            result = self._finish_moments(first[0], shape, t0)
+        elif not self._batch_stats:
             st = self.kind.view(self._state)
             assert st.running_mean is not None and st.running_var is not None
             result = NormalizeResult(None, st.running_mean, st.running_var, st.version, False)
@@ -174,6 +211,32 @@ class ChunkedBatch:
         self._t_compute += result.compute_seconds
         n = len(self._chunks) if self.keeps_chunks else 0
         return replace(result, compute_seconds=self._t_compute), n
+
+    def _finish_moments(self, dtype: torch.dtype, shape: list[int], t0: float) -> NormalizeResult:
+        """A calibration batch folded into the accumulator, or an adapting batch's mix (folded
+        into the adapted statistics with accumulate), as the unary call of the whole batch."""
+        s, m = self.session, self._partial
+        cal.check_count(0 if m is None else m.count, shape, "chunk")
+        assert m is not None
+        eps = s.kind.eps
+        a = self.adaptation
+        if a is None:
+            idem = self._idempotency(shape, dtype)
+            new, version, waited, replayed, ticket = s.fold_calibration(
+                m, shape[0], idem, True, self.time_step
+            )
+            w, b, shift = new.weight, new.bias, ops.batch_shift(m)
+            self._normalize_out = lambda x: ops.normalize_batch(x, m, w, b, eps, shift)
+            step, batch = Step(None, m.mean, m.var), True
+        else:
+            idem = self._idempotency(shape, dtype) if a.accumulate else None
+            state, mean, var, version, waited, replayed, ticket = s.adapted_statistics(
+                m, a, idem, True, self.time_step
+            )
+            w, b = state.weight, state.bias
+            self._normalize_out = lambda x: ops.normalize(x, mean, var, w, b, eps)
+            step, batch = Step(None, mean, var), a.batch_weight > 0
+        return s.result(step, version, batch, waited, t0, replayed, ticket)
 
     def sync_contribution(self) -> tuple[Any, int, list[int]]:
         """A synchronized TRAIN batch's share of its step: its statistics merged over its chunks,
@@ -216,7 +279,9 @@ class ChunkedBatch:
         for i in range(len(chunks)):
             t0 = time.perf_counter()
             x, chunks[i] = chunks[i], None  # type: ignore[call-overload]
-            if self._synced and (self._prepared is None or x.numel() == 0):
+            if self._normalize_out is not None:
+                out = self._normalize_out(x)
+            elif self._synced and (self._prepared is None or x.numel() == 0):
                 out = torch.empty_like(x)  # as a unary participant's empty batch
             else:
                 out = kind.normalize_chunk(x, self._prepared, st)

@@ -532,16 +532,26 @@ class Session:
         statistics_only: bool = False,
         idempotency_key: str = "",
         time_step: int = 0,
+        adaptation: Adaptation | None = None,
     ) -> ChunkedBatch:
-        """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch)."""
+        """Begins a batch that arrives in chunks along dim 0 (see ChunkedBatch). A calibration
+        or accumulating adaptation batch that the session would refuse now is refused at its
+        first chunk (the same refusal as at its end, where it is decided again)."""
         from normserve.server.service._chunked import ChunkedBatch  # it builds on Session
 
         self.check_unsynchronized(mode, "mode")
-        if mode is Mode.CALIBRATE:
-            raise InvalidArgument(
-                "mode", "MODE_CALIBRATE batches are sent with Normalize, not on NormalizeStream"
-            )
-        return ChunkedBatch(self, mode, statistics_only, idempotency_key, time_step)
+        if adaptation is not None:
+            self.check_adaptation(mode, adaptation)
+            if adaptation.accumulate:
+                self._check_unfrozen(
+                    self.read_state(touch=False), "fold EVAL batches into adapted statistics"
+                )
+        elif mode is Mode.CALIBRATE:
+            cal.check_supported(self.session_id, self.config, "a MODE_CALIBRATE batch")
+            self._check_calibratable(self.read_state(touch=False))
+        return ChunkedBatch(
+            self, mode, statistics_only, idempotency_key, time_step, adaptation=adaptation
+        )
 
     def reset(self) -> tuple[SessionState, Ticket]:
         """Kept statistics back to their initial values, 0 batches (weight and bias stay)."""
@@ -747,20 +757,50 @@ class Session:
         cal.check_supported(self.session_id, self.config, "a MODE_CALIBRATE batch")
         self.check_finite_input(x, "input")
         m = cal.batch_moments(x)
-        slot = cal.slot_of(self.config, time_step)
         idem = self.idempotency(idempotency_key, Mode.CALIBRATE, x, statistics_only, -1, time_step)
-
-        def compute(s: SessionState) -> SessionState:
-            self._check_unfrozen(s, "fold in calibration batches")
-            c = self._calibrating(s, "a MODE_CALIBRATE batch")
-            return s.advanced(calibration=cal.fold(c, m, slot, x.shape[0]))
-
-        _, new, ticket, replayed, version, waited = self._locked_transition(compute, idem, blocking)
+        new, version, waited, replayed, ticket = self.fold_calibration(
+            m, x.shape[0], idem, blocking, time_step
+        )
         out = None
         if not statistics_only:
             out = ops.normalize_batch(x, m, new.weight, new.bias, self.kind.eps, ops.batch_shift(m))
         step = Step(out, m.mean, m.var)
         return self.result(step, version, True, waited, t0, replayed, ticket)
+
+    def fold_calibration(
+        self,
+        m: ops.Moments,
+        rows: int,
+        idempotency: Idempotency | None,
+        blocking: bool,
+        time_step: int = 0,
+    ) -> tuple[SessionState, int, float, bool, Ticket]:
+        """Merges a calibration batch's moments (``rows`` samples) into the accumulator, once per
+        idempotency key: (the state after, version, seconds waited, replayed, ticket)."""
+        slot = cal.slot_of(self.config, time_step)
+
+        def compute(s: SessionState) -> SessionState:
+            self._check_unfrozen(s, "fold in calibration batches")
+            c = self._calibrating(s, "a MODE_CALIBRATE batch")
+            return s.advanced(calibration=cal.fold(c, m, slot, rows))
+
+        _, new, ticket, replayed, version, waited = self._locked_transition(
+            compute, idempotency, blocking
+        )
+        return new, version, waited, replayed, ticket
+
+    def _check_calibratable(self, s: SessionState) -> None:
+        self._check_unfrozen(s, "fold in calibration batches")
+        self._calibrating(s, "a MODE_CALIBRATE batch")
+
+    def check_adaptation(self, mode: Mode, adaptation: Adaptation) -> None:
+        """What an adapting batch is refused for before its statistics are computed."""
+        if mode is not Mode.EVAL:
+            raise InvalidArgument(
+                "adaptation", f"is read with MODE_EVAL only, got MODE_{mode.name}"
+            )
+        adaptation.check()
+        cal.check_supported(self.session_id, self.config, "adaptation")
 
     def adapt(
         self,
@@ -776,25 +816,44 @@ class Session:
         """An adapting EVAL batch: normalized with ``(1 - a) * prior + a * batch`` (the prior:
         the adapted statistics, or the running ones without); with ``accumulate``, folded into
         the adapted statistics (once per idempotency key), never into the running ones."""
-        if mode is not Mode.EVAL:
-            raise InvalidArgument(
-                "adaptation", f"is read with MODE_EVAL only, got MODE_{mode.name}"
-            )
-        adaptation.check()
-        cal.check_supported(self.session_id, self.config, "adaptation")
+        self.check_adaptation(mode, adaptation)
         self.check_finite_input(x, "input")
         m = cal.batch_moments(x)
+        idem = None
+        if adaptation.accumulate:
+            idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
+        state, mean, var, version, waited, replayed, ticket = self.adapted_statistics(
+            m, adaptation, idem, blocking, time_step
+        )
+        out = None
+        if not statistics_only:
+            out = ops.normalize(x, mean, var, state.weight, state.bias, self.kind.eps)
+        step = Step(out, mean, var)
+        batch = adaptation.batch_weight > 0
+        return self.result(step, version, batch, waited, t0, replayed, ticket)
+
+    def adapted_statistics(
+        self,
+        m: ops.Moments,
+        adaptation: Adaptation,
+        idempotency: Idempotency | None,
+        blocking: bool,
+        time_step: int = 0,
+    ) -> tuple[SessionState, torch.Tensor, torch.Tensor, int, float, bool, Ticket]:
+        """An adapting batch's mix (float32 mean and var) of its moments with the prior, the
+        batch folded into the adapted statistics first with ``accumulate`` (once per
+        idempotency key): (the state the prior was read from, mean, var, version, seconds
+        waited, replayed, ticket)."""
         slot = cal.slot_of(self.config, time_step)
         waited, replayed, ticket = 0.0, False, None
         if adaptation.accumulate:
-            idem = self.idempotency(idempotency_key, mode, x, statistics_only, -1, time_step)
 
             def compute(s: SessionState) -> SessionState:
                 self._check_unfrozen(s, "fold EVAL batches into adapted statistics")
                 return s.advanced(adapted=cal.adapt_fold(self.config, s, m, slot))
 
             state, _, ticket, replayed, version, waited = self._locked_transition(
-                compute, idem, blocking
+                compute, idempotency, blocking
             )
         else:
             state = self.state
@@ -802,13 +861,7 @@ class Session:
         pm, pv = cal.prior(state)
         idx = () if slot is None else (slot,)
         mean, var = cal.mixed(pm[idx], pv[idx], m, adaptation.batch_weight)
-        mean, var = mean.float(), var.float()
-        out = None
-        if not statistics_only:
-            out = ops.normalize(x, mean, var, state.weight, state.bias, self.kind.eps)
-        step = Step(out, mean, var)
-        batch = adaptation.batch_weight > 0
-        return self.result(step, version, batch, waited, t0, replayed, ticket)
+        return state, mean.float(), var.float(), version, waited, replayed, ticket
 
     def reset_adaptation(self) -> tuple[SessionState, Ticket]:
         """Discards the adapted statistics (nothing to discard: no change)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 
+from normserve.server.service._calibration import Adaptation
 from normserve.server.service._config import Mode
 from normserve.server.service._errors import (
     IdleTimeout,
@@ -146,6 +147,8 @@ class Chunk:
     time_step: int = 0
     #: a synchronized TRAIN batch's rank and step (read on its first chunk; None: not synced)
     sync: SyncStep | None = None
+    #: an adapting EVAL batch's adaptation (read on its first chunk; None: not adapting)
+    adaptation: Adaptation | None = None
 
 
 #: Makes one answer message: (batch index, an output chunk or None, whether it ends the batch,
@@ -177,6 +180,7 @@ async def serve_stream(
     header: tuple[str, int, bool, int] = ("", 0, False, 0)
     sync: SyncStep | None = None  # the open batch's place in a synchronized step
     named: SyncStep | None = None  # the sync its first chunk named
+    adapting: Adaptation | None = None  # the adaptation its first chunk named
     index = 0
     decode = encode_s = 0.0
     elements = sent = 0
@@ -194,12 +198,15 @@ async def serve_stream(
                 mode = req.to_mode(req.mode)
                 service.stages.label(session.config.kind.value, mode.value)
                 named = req.sync
+                adapting = req.adaptation
                 sync = _synchronized(session, mode, named)
                 if sync is None:
                     batch = session.start_batch(
-                        mode, req.statistics_only, req.idempotency_key, req.time_step
+                        mode, req.statistics_only, req.idempotency_key, req.time_step, adapting
                     )
                 else:  # its statistics go through the group's rendezvous, not the session's
+                    if adapting is not None:
+                        session.check_adaptation(mode, adapting)  # refuses a TRAIN batch
                     from normserve.server.service._chunked import ChunkedBatch
 
                     batch = ChunkedBatch(session, mode, req.statistics_only, "", req.time_step)
@@ -208,6 +215,7 @@ async def serve_stream(
             else:
                 _check_header(req, header, index)
                 _check_sync(req, named, index)
+                _check_adaptation(req, adapting, index)
             if req.tensor is not None:
                 x = req.tensor()
                 decode += perf_counter() - t0
@@ -216,7 +224,7 @@ async def serve_stream(
                     x,
                     req.statistics_only or batch.statistics_only,
                     "chunk",
-                    batch.session.kind.statistics_numel(x.shape),
+                    batch.statistics_numel(x.shape),
                 )
                 if batch.keeps_chunks:
                     share.take(max(x.numel() * x.element_size(), MIN_CHUNK_BYTES), index)
@@ -230,7 +238,8 @@ async def serve_stream(
                     sent += 1
                     yield msg
             if req.end_of_batch:
-                service.check_batch_answer(batch, index)
+                if batch.statistics_grow:  # others' [C] came with each chunk's check
+                    service.check_batch_answer(batch, index)
                 if sync is None:
                     result, count = await compute(batch.finish)
                     await service.durable(result.durable)
@@ -326,4 +335,19 @@ def _check_sync(req: Chunk, named: SyncStep | None, index: int) -> None:
             "sync",
             f"a later chunk of batch {index} names rank {req.sync.rank} and step "
             f"{req.sync.step}, the first named {first}; nothing of that batch was applied",
+        )
+
+
+def _check_adaptation(req: Chunk, named: Adaptation | None, index: int) -> None:
+    if req.adaptation is not None and req.adaptation != named:
+        first = (
+            "none"
+            if named is None
+            else f"batch_weight {named.batch_weight:g} and accumulate {named.accumulate}"
+        )
+        raise InvalidArgument(
+            "adaptation",
+            f"a later chunk of batch {index} names batch_weight "
+            f"{req.adaptation.batch_weight:g} and accumulate {req.adaptation.accumulate}, the "
+            f"first named {first}; nothing of that batch was applied",
         )

@@ -172,12 +172,14 @@ def test_calibration_refusals_change_nothing(client: Client, stub: pb_grpc.Norma
         ):
             stub.Normalize(_request(sid, torch.randn(1, C), pb.MODE_CALIBRATE))
         with expect_status(
-            IA, "mode: MODE_CALIBRATE batches are sent with Normalize, not on NormalizeStream"
+            IA,
+            "chunk.shape: batch statistics need more than 1 value per channel, got input size "
+            "[1, 4]; nothing was applied",
         ):
             first = pb.NormalizeStreamRequest(
                 session_id=sid, mode=pb.MODE_CALIBRATE, end_of_batch=True
             )
-            tensor_to_proto(x, first.chunk)
+            tensor_to_proto(torch.randn(1, C), first.chunk)
             list(stub.NormalizeStream(iter([first])))
         with expect_status(IA, "input: contains NaN or Inf; nothing was applied"):
             stub.Normalize(_request(sid, torch.full((4, C), float("nan")), pb.MODE_CALIBRATE))
@@ -484,24 +486,6 @@ def test_adaptation_refusals_change_nothing(client: Client, stub: pb_grpc.Normal
         "batch norm or recurrent batch norm (it keeps no running statistics)",
     ):
         stub.Normalize(_request(gn, x, pb.MODE_EVAL, adaptation=pb.Adaptation(batch_weight=0.5)))
-
-
-def test_calibration_and_adaptation_batches_go_unary_up_to_the_message_limit(
-    server: Server,
-) -> None:
-    """Larger than a stream chunk: still one Normalize call (they are never streamed)."""
-    with Client(server.address, chunk_bytes=4096) as client:
-        sid = client.create_session(C).session_id
-        x = torch.randn(4096, C)  # 64 KiB
-        client.start_calibration(sid)
-        assert client.normalize(sid, x, mode="calibrate").output.shape == x.shape
-        assert client.get_session(sid).calibration_batches == 1
-        assert client.normalize(sid, x, adapt=0.5).output.shape == x.shape
-    with Client(server.address, max_message_bytes=32768) as small:
-        with pytest.raises(ValueError, match="must fit one message"):
-            small.normalize(sid, x, adapt=0.5)
-        with pytest.raises(ValueError, match="must fit one message"):
-            small.normalize(sid, x, mode="calibrate")
 
 
 def test_errors_reach_the_client_as_its_own(client: Client) -> None:

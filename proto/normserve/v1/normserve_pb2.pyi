@@ -338,7 +338,7 @@ class NormalizeResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., batch_statistics: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class NormalizeStreamRequest(_message.Message):
-    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key", "time_step", "sync")
+    __slots__ = ("session_id", "mode", "chunk", "end_of_batch", "statistics_only", "idempotency_key", "time_step", "sync", "adaptation")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +347,7 @@ class NormalizeStreamRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TIME_STEP_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     mode: Mode
     chunk: Tensor
@@ -355,7 +356,8 @@ class NormalizeStreamRequest(_message.Message):
     idempotency_key: str
     time_step: int
     sync: SyncStep
-    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., time_step: _Optional[int] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ...) -> None: ...
+    adaptation: Adaptation
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ..., end_of_batch: _Optional[bool] = ..., statistics_only: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., time_step: _Optional[int] = ..., sync: _Optional[_Union[SyncStep, _Mapping]] = ..., adaptation: _Optional[_Union[Adaptation, _Mapping]] = ...) -> None: ...
 
 class NormalizeStreamResponse(_message.Message):
     __slots__ = ("batch_index", "chunk", "end_of_batch", "mean", "var", "version", "batch_statistics", "replayed")

@@ -204,9 +204,10 @@ class NormalizerServicer:
         """Recalibration (precise batch norm) of a batch norm, batch renorm, ghost batch norm or
         recurrent batch norm session with running statistics (others: FAILED_PRECONDITION).
         StartCalibration begins one: an empty accumulator (Session.calibration), version + 1;
-        FAILED_PRECONDITION if one is in progress. Then MODE_CALIBRATE Normalize calls each fold their
-        batch's exact per-channel count, mean and M2 (float64, Chan's merge) into it: every value
-        weighs the same, whatever the batch sizes (not an exponential average). Until the commit,
+        FAILED_PRECONDITION if one is in progress. Then MODE_CALIBRATE batches (Normalize calls or
+        NormalizeStream batches) each fold their batch's exact per-channel count, mean and M2
+        (float64, Chan's merge) into it: every value weighs the same, whatever the batch sizes (not
+        an exponential average). Until the commit,
         MODE_EVAL uses the old running statistics and MODE_TRAIN is refused (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
