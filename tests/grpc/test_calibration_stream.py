@@ -139,7 +139,8 @@ def test_stream_refusals_change_nothing(client: Client, stub: pb_grpc.Normalizer
     with unchanged(client, sid):
         with expect_status(
             FP,
-            "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first",
+            "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first "
+            "(`normserve session calibrate-start cal`)",
         ):
             list(stub.NormalizeStream(iter(_chunks(sid, x, pb.MODE_CALIBRATE, 5))))
         with expect_status(IA, "adaptation: is read with MODE_EVAL only, got MODE_TRAIN"):
@@ -166,7 +167,9 @@ def test_stream_refusals_change_nothing(client: Client, stub: pb_grpc.Normalizer
         yield from reqs[1:]
 
     with expect_status(
-        FP, "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first"
+        FP,
+        "session 'cal' is not calibrating: a MODE_CALIBRATE batch needs StartCalibration first "
+        "(`normserve session calibrate-start cal`)",
     ):
         list(stub.NormalizeStream(aborting()))
     assert not client.get_session(sid).calibrating
@@ -176,13 +179,13 @@ def test_stream_refusals_change_nothing(client: Client, stub: pb_grpc.Normalizer
         with expect_status(
             FP,
             "session 'cal' is frozen: it refuses to fold in calibration batches; unfreeze it "
-            "first (UnfreezeSession)",
+            "first (UnfreezeSession; `normserve session unfreeze cal`)",
         ):
             list(stub.NormalizeStream(iter(_chunks(sid, x, pb.MODE_CALIBRATE, 5))))
         with expect_status(
             FP,
             "session 'cal' is frozen: it refuses to fold EVAL batches into adapted statistics; "
-            "unfreeze it first (UnfreezeSession)",
+            "unfreeze it first (UnfreezeSession; `normserve session unfreeze cal`)",
         ):
             adapt = pb.Adaptation(batch_weight=0.5, accumulate=True)
             list(stub.NormalizeStream(iter(_chunks(sid, x, pb.MODE_EVAL, 5, adaptation=adapt))))
