@@ -360,9 +360,9 @@ class AsyncClient(c.ClientBase):
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
+        adaptation = c.adaptation(adapt, adapt_accumulate)
         mode = c.resolve_mode(mode, adapt)
         key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
-        adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
         if not tx.fits_unary(t, self.chunk_bytes):
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
             while True:
@@ -436,7 +436,7 @@ class AsyncClient(c.ClientBase):
             idempotency_keys,
             time_step,
             sync,
-            None if adapt is None else (float(adapt), adapt_accumulate),
+            c.adaptation(adapt, adapt_accumulate),
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

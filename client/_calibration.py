@@ -23,13 +23,21 @@ from normserve.client._modules import _RemoteBatchNorm
 __all__ = ["recalibrate"]
 
 
-def _calibrating(module: _RemoteBatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+def _key(module: _RemoteBatchNorm) -> tuple[int, str]:
+    """A layer's session, as layers sharing one are told apart (client, id)."""
+    return id(module.client), module.session_id
+
+
+def _calibrating(
+    module: _RemoteBatchNorm, sent: dict[tuple[int, str], int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The module's x -> x_hat step as MODE_CALIBRATE calls (its forward, affine included, stays
-    its own; no gradients: a statistics pass)."""
+    its own; no gradients: a statistics pass), counting the batches each session was sent."""
 
     def normalize(x: torch.Tensor) -> torch.Tensor:
         options = module._normalize_options()  # a recurrent layer's time step
         result = module.client.normalize(module.session_id, x, mode="calibrate", **options)
+        sent[_key(module)] += 1
         x_hat: torch.Tensor = result.output
         return x_hat
 
@@ -59,10 +67,11 @@ def recalibrate(
     for name, module in model.named_modules():
         if isinstance(module, _RemoteBatchNorm):
             module._ensure_session()
-            layers.setdefault((id(module.client), module.session_id), (name, module))
+            layers.setdefault(_key(module), (name, module))
     if not layers:
         raise ValueError("the model has no remote batch norm layer to recalibrate")
     started: list[_RemoteBatchNorm] = []
+    sent = dict.fromkeys(layers, 0)  # batches each session took
     patched: list[nn.Module] = []
     try:
         for _, module in layers.values():
@@ -70,7 +79,7 @@ def recalibrate(
             started.append(module)
         for module in model.modules():
             if isinstance(module, _RemoteBatchNorm):
-                module._normalize = _calibrating(module)  # type: ignore[method-assign,assignment]
+                module._normalize = _calibrating(module, sent)  # type: ignore[method-assign,assignment]
                 patched.append(module)
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -82,11 +91,7 @@ def recalibrate(
                     model(_first(batch))
         # a layer the batches never reached (an unused head; an empty loader) has nothing to
         # commit: it is aborted, keeping its statistics, and left out of the answer
-        counts = {
-            key: module.client.get_session(module.session_id, tensors=False).calibration_batches
-            for key, (_, module) in layers.items()
-        }
-        if not any(counts.values()):
+        if not any(sent.values()):
             raise ValueError(
                 "recalibrate: no batch reached any remote batch norm layer (the batches were "
                 "empty, or max_batches=0); every calibration was aborted, nothing changed"
@@ -101,7 +106,7 @@ def recalibrate(
     pending = [(key, name, module) for key, (name, module) in layers.items()]
     for i, (key, name, module) in enumerate(pending):
         try:
-            if counts[key]:
+            if sent[key]:
                 committed[name] = module.client.commit_calibration(module.session_id)
             else:
                 module.client.abort_calibration(module.session_id)

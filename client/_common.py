@@ -355,17 +355,26 @@ def resolve_mode(mode: ModeName | None, adapt: float | None) -> ModeName:
     return mode
 
 
+def adaptation(adapt: float | None, accumulate: bool) -> tuple[float, bool] | None:
+    """A call's adaptation (batch weight, accumulate), or None for a plain call; accumulating
+    without a weight is refused here, before anything is sent (it would be a plain call, and in
+    TRAIN mode move the running statistics)."""
+    if adapt is None:
+        if accumulate:
+            raise ValueError(
+                "adapt_accumulate=True needs adapt= (the batch's weight in the mix, in [0, 1]): "
+                "without it the call is a plain normalization, and in TRAIN mode it would move "
+                "the running statistics"
+            )
+        return None
+    return float(adapt), accumulate
+
+
 def normalize_key(
     mode: ModeName | str, adapt: float | None, accumulate: bool, idempotency_key: str | None
 ) -> str:
     """The idempotency key of a call that changes state (TRAIN, CALIBRATE, an accumulating
     adaptation): the caller's, or a fresh one; "" for a call that changes nothing."""
-    if accumulate and adapt is None:
-        raise ValueError(
-            "adapt_accumulate=True needs adapt= (the batch's weight in the mix, in [0, 1]): "
-            "without it the call is a plain normalization, and in TRAIN mode it would move the "
-            "running statistics"
-        )
     value = mode_value(mode)
     if value in (pb.MODE_TRAIN, pb.MODE_CALIBRATE) or (adapt is not None and accumulate):
         return idempotency_key or new_idempotency_key()

@@ -354,9 +354,9 @@ class Client(c.ClientBase):
         from normserve.client import _tensors as tx  # torch: loaded on first use
 
         t = tx.as_batch(x)
+        adaptation = c.adaptation(adapt, adapt_accumulate)
         mode = c.resolve_mode(mode, adapt)
         key = c.normalize_key(mode, adapt, adapt_accumulate, idempotency_key)
-        adaptation = None if adapt is None else (float(adapt), adapt_accumulate)
         if not tx.fits_unary(t, self.chunk_bytes):
             # one batch on a stream of its own, tried again as a unary call would be
             retrier = self.retry.start(self.timeout if timeout is _DEFAULT else timeout)
@@ -439,7 +439,7 @@ class Client(c.ClientBase):
             idempotency_keys,
             time_step,
             sync,
-            None if adapt is None else (float(adapt), adapt_accumulate),
+            c.adaptation(adapt, adapt_accumulate),
         )
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:

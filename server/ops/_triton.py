@@ -41,6 +41,23 @@ _FUSED_ROWS = 4096
 
 
 @triton.jit
+def _from_sums(t1, t2, n):
+    """float64 pivot-shifted sums of n values -> (mean - pivot, M2, biased variance)."""
+    mean_d = t1 / n
+    m2 = tl.maximum(t2 - t1 * mean_d, 0.0)
+    return mean_d, m2, m2 / n
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, unbias):
+    """torch's running update in place: lerp towards the mean and the unbiased variance."""
+    rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
+    rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
+    tl.store(rm_ptr + cols, rm + factor * (mean.to(tl.float32) - rm), mask=cmask)
+    tl.store(rv_ptr + cols, rv + factor * ((var * unbias).to(tl.float32) - rv), mask=cmask)
+
+
+@triton.jit
 def _rc_fused(
     x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
     R, C, eps, factor, unbias,
@@ -64,17 +81,12 @@ def _rc_fused(
         s2 += d * d
     t1 = tl.sum(s1, axis=0).to(tl.float64)
     t2 = tl.sum(s2, axis=0).to(tl.float64)
-    n = R.to(tl.float64)
-    mean_d = t1 / n
-    var = tl.maximum(t2 / n - mean_d * mean_d, 0.0)
+    mean_d, _, var = _from_sums(t1, t2, R.to(tl.float64))
     mean = pivot.to(tl.float64) + mean_d
     tl.store(mean_ptr + cols, mean.to(tl.float32), mask=cmask)
     tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
     if HAS_RUN:
-        rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-        rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
-        tl.store(rm_ptr + cols, rm + factor * (mean.to(tl.float32) - rm), mask=cmask)
-        tl.store(rv_ptr + cols, rv + factor * ((var * unbias).to(tl.float32) - rv), mask=cmask)
+        _update_running(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, unbias)
     if WRITE_Y:
         scale = 1.0 / tl.sqrt(var.to(tl.float32) + eps)
         if HAS_W:
@@ -163,10 +175,7 @@ def _finish(
     for sp in range(0, SPLIT):
         t1 += tl.load(s1_ptr + sp * C + cols, mask=cmask, other=0.0).to(tl.float64)
         t2 += tl.load(s2_ptr + sp * C + cols, mask=cmask, other=0.0).to(tl.float64)
-    n = count.to(tl.float64)
-    mean_d = t1 / n
-    m2 = tl.maximum(t2 - t1 * mean_d, 0.0)
-    var = m2 / n
+    mean_d, m2, var = _from_sums(t1, t2, count.to(tl.float64))
     pv = tl.load(pivot_ptr + cols * pstride, mask=cmask, other=0.0).to(tl.float32)
     tl.store(pv_ptr + cols, pv, mask=cmask)
     mean = pv.to(tl.float64) + mean_d
@@ -176,10 +185,7 @@ def _finish(
     tl.store(m2_ptr + cols, m2, mask=cmask)
     tl.store(mean64_ptr + cols, mean, mask=cmask)
     if HAS_RUN:
-        rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-        rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
-        tl.store(rm_ptr + cols, rm + factor * (mean.to(tl.float32) - rm), mask=cmask)
-        tl.store(rv_ptr + cols, rv + factor * ((var * unbias).to(tl.float32) - rv), mask=cmask)
+        _update_running(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, unbias)
 
 
 @triton.jit

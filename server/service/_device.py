@@ -4,7 +4,7 @@ Before (measured on the H200, issue 12): inputs went host to device from pageabl
 GB/s, and synchronous), outputs came back the same way, and every call waited with
 ``torch.cuda.synchronize``, which waits for every kernel of every call on the device. Now:
 
-- each compute thread queues its kernels on a CUDA stream of its own (``stream``), so calls on
+- each compute thread queues its kernels on a CUDA stream of its own (``own_streams``), so calls on
   different threads overlap on the device, and waiting for one call waits for that call only;
 - an input is staged in pinned memory and copied to the device asynchronously (``to_device``,
   ~55 GB/s): a stream's chunk is on its way while the next one arrives;
@@ -20,40 +20,19 @@ identity (or a no-op).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Any
-
 import torch
 
-__all__ = ["own_streams", "stream", "to_device", "to_host", "wait"]
-
-_local = threading.local()
+__all__ = ["own_streams", "to_device", "to_host", "wait"]
 
 
 def own_streams() -> None:
-    """Makes a stream of this thread's own the current one on every CUDA device (a compute
-    pool's initializer; nothing without CUDA)."""
+    """Makes a stream of this thread's own the current one on every CUDA device (the compute
+    pool's initializer; nothing without CUDA). Kernels the thread queues then overlap with other
+    threads' on the device, and waiting for them (``wait``) waits for this thread's only."""
     if not torch.cuda.is_available():
         return
     for index in range(torch.cuda.device_count()):
-        device = torch.device("cuda", index)
-        streams: dict[torch.device, torch.cuda.Stream] = _local.__dict__.setdefault("streams", {})
-        s = streams.get(device)
-        if s is None:
-            s = streams[device] = torch.cuda.Stream(device)
-        torch.cuda.set_stream(s)
-
-
-def stream(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """This thread's own CUDA stream on ``device``, as the current stream (a no-op on the CPU)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    streams: dict[torch.device, torch.cuda.Stream] = _local.__dict__.setdefault("streams", {})
-    s = streams.get(device)
-    if s is None:
-        s = streams[device] = torch.cuda.Stream(device)
-    return torch.cuda.stream(s)
+        torch.cuda.set_stream(torch.cuda.Stream(torch.device("cuda", index)))
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

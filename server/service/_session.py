@@ -259,10 +259,7 @@ class Session:
         """Under the lock: the state an update starts from, the state it commits, and the
         commit's ticket (or the AlreadyApplied of a replayed idempotency key). Recomputes after a
         Conflict (another process committed first). ``compute`` may raise to change nothing."""
-        try:
-            s = self._mine(self._store.latest(self.key))
-        except KeyError:
-            raise self._gone() from None
+        s = self._latest()
         fresh = not self._store.shared  # a shared store's latest may be this process's last view
         for _ in range(MAX_CONFLICTS):
             try:

@@ -3,17 +3,21 @@ review of recalibration, freezing and adaptation found (each case failed before 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from torch import nn
 
 from normserve.client import (
+    AsyncClient,
     Client,
     FailedPreconditionError,
     NotFoundError,
     RemoteBatchNorm1d,
     recalibrate,
 )
+from normserve.server import Server
 
 C = 3
 
@@ -109,6 +113,8 @@ def test_adapt_accumulate_without_adapt_is_refused_not_trained(client: Client) -
     before = client.get_session(sid)
     with pytest.raises(ValueError, match="adapt_accumulate=True needs adapt="):
         client.normalize(sid, torch.randn(8, C), adapt_accumulate=True)
+    with pytest.raises(ValueError, match="adapt_accumulate=True needs adapt="):
+        list(client.normalize_stream(sid, [torch.randn(8, C)], adapt_accumulate=True))
     assert client.get_session(sid).version == before.version
 
 
@@ -138,3 +144,17 @@ def test_a_deleted_session_during_recalibration_is_reported(client: Client) -> N
 
     with pytest.raises(NotFoundError):
         recalibrate(model, [torch.randn(8, C)], run=run)
+
+
+def test_the_async_client_refuses_accumulating_without_a_weight(server: Server) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.address) as ac:
+            sid = (await ac.create_session(C)).session_id
+            with pytest.raises(ValueError, match="adapt_accumulate=True needs adapt="):
+                await ac.normalize(sid, torch.randn(8, C), adapt_accumulate=True)
+            with pytest.raises(ValueError, match="adapt_accumulate=True needs adapt="):
+                async for _ in ac.normalize_stream(sid, [torch.randn(8, C)], adapt_accumulate=True):
+                    pass
+            assert (await ac.get_session(sid)).version == 1
+
+    asyncio.run(main())

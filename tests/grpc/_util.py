@@ -93,3 +93,51 @@ def serving(registry: CollectorRegistry | None = None, **settings: Any) -> Itera
         yield srv
     finally:
         srv.stop(0)
+
+
+# ---- synchronized sessions
+
+
+def sync_request(sid: str, x: torch.Tensor, rank: int, step: int) -> pb.NormalizeRequest:
+    """A participant's TRAIN batch of a synchronized step, as one Normalize request."""
+    return pb.NormalizeRequest(
+        session_id=sid,
+        mode=pb.MODE_TRAIN,
+        input=tensor_to_proto(x),
+        sync=pb.SyncStep(rank=rank, step=step),
+    )
+
+
+def sync_chunks(
+    sid: str, x: torch.Tensor, rank: int | None, step: int, rows: int = 1
+) -> list[pb.NormalizeStreamRequest]:
+    """One TRAIN batch as chunk requests of ``rows`` rows each; the first names the sync (none
+    with ``rank`` None)."""
+    reqs = []
+    starts = list(range(0, x.shape[0], rows))
+    for i, start in enumerate(starts):
+        req = pb.NormalizeStreamRequest(
+            chunk=tensor_to_proto(x[start : start + rows]), end_of_batch=i == len(starts) - 1
+        )
+        if i == 0:
+            req.session_id, req.mode = sid, pb.MODE_TRAIN
+            if rank is not None:
+                req.sync.CopyFrom(pb.SyncStep(rank=rank, step=step))
+        reqs.append(req)
+    return reqs
+
+
+def leaving_aborts_the_step(client: Client, sid: str, waiting: Any, leaving: Any) -> None:
+    """Cancelling participant 1's call (``leaving``) fails step 0 for the participant still
+    waiting on it at once, not at the group's timeout, and nothing is applied."""
+    time.sleep(0.3)  # the leaving participant's batch has arrived and waits for the others
+    t0 = time.perf_counter()
+    leaving.cancel()
+    with expect_status(
+        grpc.StatusCode.ABORTED,
+        f"participant 1 left forward step 0 of session {sid!r} (its call was cancelled); "
+        "nothing was applied, send the step again",
+    ):
+        waiting.result()
+    assert time.perf_counter() - t0 < 5  # not the group's 60 s timeout
+    assert client.get_session(sid).version == 1

@@ -22,6 +22,7 @@ from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 from normserve.wire import tensor_to_proto
 from tests._redis import RedisServer
+from tests.grpc._util import metric, until
 
 
 def _server(**settings: object) -> Server:
@@ -302,23 +303,18 @@ def test_retry_zero_is_one_try_and_the_default_retries(redis_server: RedisServer
         redis_server.kill()
 
         def unavailable() -> float:
-            value = srv.metrics.registry.get_sample_value(
-                "normserve_requests_total", {"method": "GetSession", "code": "UNAVAILABLE"}
-            )
-            return value or 0.0
+            return metric(
+                srv.metrics.registry, "normserve_requests_total", method="GetSession",
+                code="UNAVAILABLE",
+            )  # fmt: skip
 
-        def settled(at_least: float) -> float:
-            # the server counts a call as its answer goes out: the client may see the answer
-            # first, so wait (bounded) for the count, then long enough for a retry to show
-            deadline = time.monotonic() + 10
-            while unavailable() < at_least and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(0.5)
-            return unavailable()
-
+        # the server counts a call as its answer goes out, so the client may see the answer
+        # first: wait (bounded) for the count, then long enough for a retry to show
         with Client(srv.address, retry=0) as once, pytest.raises(UnavailableError):
             once.get_session(sid)
-        assert settled(1) == 1
+        assert until(lambda: unavailable() >= 1, 10)
+        time.sleep(0.5)
+        assert unavailable() == 1
         with Client(srv.address, timeout=1.0) as patient, pytest.raises(UnavailableError):
             patient.get_session(sid)  # retried within its timeout, then the refusal is raised
-        assert settled(3) > 2
+        assert until(lambda: unavailable() > 2, 10)

@@ -17,16 +17,7 @@ from normserve.server import Server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 from normserve.wire import tensor_from_proto, tensor_to_proto
-from tests.grpc._util import expect_status, unchanged
-
-
-def _request(sid: str, x: torch.Tensor, rank: int, step: int) -> pb.NormalizeRequest:
-    return pb.NormalizeRequest(
-        session_id=sid,
-        mode=pb.MODE_TRAIN,
-        input=tensor_to_proto(x),
-        sync=pb.SyncStep(rank=rank, step=step),
-    )
+from tests.grpc._util import expect_status, sync_request, unchanged
 
 
 def test_64_participants_on_a_default_server_equal_one_batch_norm(
@@ -73,12 +64,12 @@ def test_the_rules_as_status_codes(server: Server, client: Client) -> None:
             f"forward step 0 of session {sid!r}: 1 of 2 participants (ranks 1) did not arrive "
             "within 0.3 seconds; nothing was applied",
         ):
-            stub.Normalize(_request(sid, x, 0, 0), timeout=10)
+            stub.Normalize(sync_request(sid, x, 0, 0), timeout=10)
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
         ):
-            stub.Normalize(_request(sid, x, 2, 0), timeout=10)
+            stub.Normalize(sync_request(sid, x, 2, 0), timeout=10)
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"sync: session {sid!r} is synchronized over 2 participants: a TRAIN call must name "
@@ -89,18 +80,18 @@ def test_the_rules_as_status_codes(server: Server, client: Client) -> None:
                 pb.NormalizeRequest(session_id=sid, mode=pb.MODE_TRAIN, input=tensor_to_proto(x)),
                 timeout=10,
             )
-    pending = stub.Normalize.future(_request(sid, x, 0, 1), timeout=10)
+    pending = stub.Normalize.future(sync_request(sid, x, 0, 1), timeout=10)
     time.sleep(0.05)
     with expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
         f"sync.rank: rank 0 already arrived at forward step 1 of session {sid!r}, which is still "
         "waiting for others: each participant needs a rank of its own",
     ):
-        stub.Normalize(_request(sid, x, 0, 1), timeout=10)
-    second = stub.Normalize(_request(sid, x, 1, 1), timeout=10)
+        stub.Normalize(sync_request(sid, x, 0, 1), timeout=10)
+    second = stub.Normalize(sync_request(sid, x, 1, 1), timeout=10)
     first = pending.result()
     assert first.version == second.version == 2
-    retry = stub.Normalize(_request(sid, x, 1, 1), timeout=10)
+    retry = stub.Normalize(sync_request(sid, x, 1, 1), timeout=10)
     assert retry.replayed and retry.version == 2 and retry.mean == second.mean
     assert client.get_session(sid).version == 2
     with expect_status(
@@ -108,7 +99,7 @@ def test_the_rules_as_status_codes(server: Server, client: Client) -> None:
         f"sync.step: step 0 of session {sid!r} is stale: step 1 has completed, and only the last "
         "8 completed steps are answered again",
     ):
-        stub.Normalize(_request(sid, x, 0, 0), timeout=10)
+        stub.Normalize(sync_request(sid, x, 0, 0), timeout=10)
     channel.close()
 
 
@@ -117,8 +108,8 @@ def test_a_dying_participant_fails_the_step_at_once(server: Server, client: Clie
     stub = pb_grpc.NormalizerStub(channel)
     sid = client.create_session(3, sync_participants=3, sync_timeout=60).session_id
     x = torch.randn(4, 3)
-    waiting = stub.Normalize.future(_request(sid, x, 0, 0), timeout=30)
-    dying = stub.Normalize.future(_request(sid, x, 1, 0), timeout=30)
+    waiting = stub.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
+    dying = stub.Normalize.future(sync_request(sid, x, 1, 0), timeout=30)
     time.sleep(0.1)
     t0 = time.perf_counter()
     dying.cancel()  # its client gives up (or dies: the server sees the same cancellation)
@@ -131,7 +122,7 @@ def test_a_dying_participant_fails_the_step_at_once(server: Server, client: Clie
     assert time.perf_counter() - t0 < 5  # not the 60 s timeout
     assert client.get_session(sid).version == 1
     # the group is not wedged: the step runs again with all three
-    done = [stub.Normalize.future(_request(sid, x, r, 0), timeout=30) for r in range(3)]
+    done = [stub.Normalize.future(sync_request(sid, x, r, 0), timeout=30) for r in range(3)]
     assert {f.result().version for f in done} == {2}
     channel.close()
 

@@ -13,12 +13,17 @@ import torch
 
 from normserve.client import Client
 from normserve.server import Server, Settings, start_server
-from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
-from normserve.wire import tensor_from_proto, tensor_to_proto
+from normserve.wire import tensor_from_proto
 from tests._redis import RedisServer
 from tests.client.test_sync_modules import _compare, _rank
-from tests.grpc._util import expect_status, unchanged
+from tests.grpc._util import (
+    expect_status,
+    leaving_aborts_the_step,
+    sync_chunks,
+    sync_request,
+    unchanged,
+)
 
 
 def _server(url: str) -> Server:
@@ -41,15 +46,6 @@ def stubs(pair: tuple[Server, Server]) -> Iterator[tuple[pb_grpc.NormalizerStub,
     yield tuple(pb_grpc.NormalizerStub(c) for c in channels)
     for c in channels:
         c.close()
-
-
-def _request(sid: str, x: torch.Tensor, rank: int, step: int) -> pb.NormalizeRequest:
-    return pb.NormalizeRequest(
-        session_id=sid,
-        mode=pb.MODE_TRAIN,
-        input=tensor_to_proto(x),
-        sync=pb.SyncStep(rank=rank, step=step),
-    )
 
 
 def test_four_participants_on_two_replicas_equal_one_batch_norm(
@@ -134,29 +130,29 @@ def test_the_rules_across_replicas(
         )
         with unchanged(client, sid):
             with expect_status(grpc.StatusCode.ABORTED, timed_out):
-                a.Normalize(_request(sid, x, 0, 0), timeout=10)
+                a.Normalize(sync_request(sid, x, 0, 0), timeout=10)
             # the missing rank, late, on the other replica: the step was aborted for it too
             with expect_status(grpc.StatusCode.ABORTED, timed_out):
-                b.Normalize(_request(sid, y, 1, 0), timeout=10)
+                b.Normalize(sync_request(sid, y, 1, 0), timeout=10)
             with expect_status(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
             ):
-                b.Normalize(_request(sid, x, 2, 0), timeout=10)
+                b.Normalize(sync_request(sid, x, 2, 0), timeout=10)
         # rank 0 waits on one replica; rank 0 again (another batch) on the other is refused
-        pending = a.Normalize.future(_request(sid, x, 0, 1), timeout=10)
+        pending = a.Normalize.future(sync_request(sid, x, 0, 1), timeout=10)
         time.sleep(0.1)
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"sync.rank: rank 0 already arrived at forward step 1 of session {sid!r}, which is "
             "still waiting for others: each participant needs a rank of its own",
         ):
-            b.Normalize(_request(sid, y, 0, 1), timeout=10)
-        second = b.Normalize(_request(sid, y, 1, 1), timeout=10)
+            b.Normalize(sync_request(sid, y, 0, 1), timeout=10)
+        second = b.Normalize(sync_request(sid, y, 1, 1), timeout=10)
         first = pending.result()
         assert first.version == second.version == 2 and first.mean == second.mean
         # a retry, on the replica that did not see the call: replayed, nothing applied again
-        retry = a.Normalize(_request(sid, y, 1, 1), timeout=10)
+        retry = a.Normalize(sync_request(sid, y, 1, 1), timeout=10)
         assert retry.replayed and retry.version == 2 and retry.mean == second.mean
         assert tensor_from_proto(retry.output, "o").equal(tensor_from_proto(second.output, "o"))
         assert client.get_session(sid).version == 2
@@ -165,7 +161,7 @@ def test_the_rules_across_replicas(
             f"sync.step: step 0 of session {sid!r} is stale: step 1 has completed, and only the "
             "last 8 completed steps are answered again",
         ):
-            b.Normalize(_request(sid, x, 0, 0), timeout=10)
+            b.Normalize(sync_request(sid, x, 0, 0), timeout=10)
 
 
 def test_a_participant_leaving_aborts_the_step_on_every_replica(
@@ -175,20 +171,12 @@ def test_a_participant_leaving_aborts_the_step_on_every_replica(
     with Client(pair[0].address, timeout=30) as client:
         sid = client.create_session(3, sync_participants=3, sync_timeout=60).session_id
         x = torch.randn(4, 3)
-        waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
-        leaving = b.Normalize.future(_request(sid, x, 1, 0), timeout=30)
-        time.sleep(0.3)
-        t0 = time.perf_counter()
-        leaving.cancel()
-        with expect_status(
-            grpc.StatusCode.ABORTED,
-            f"participant 1 left forward step 0 of session {sid!r} (its call was cancelled); "
-            "nothing was applied, send the step again",
-        ):
-            waiting.result()
-        assert time.perf_counter() - t0 < 5  # not the 60 s timeout
-        assert client.get_session(sid).version == 1
-        done = [(a, b, a)[r].Normalize.future(_request(sid, x, r, 0), timeout=30) for r in range(3)]
+        waiting = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
+        leaving = b.Normalize.future(sync_request(sid, x, 1, 0), timeout=30)
+        leaving_aborts_the_step(client, sid, waiting, leaving)
+        done = [
+            (a, b, a)[r].Normalize.future(sync_request(sid, x, r, 0), timeout=30) for r in range(3)
+        ]
         assert {f.result().version for f in done} == {2}
 
 
@@ -225,7 +213,7 @@ def test_redis_lost_mid_step_is_unavailable_and_the_step_applies_once(
     with Client(pair[0].address, timeout=30) as client:
         sid = client.create_session(3, sync_participants=2, sync_timeout=60).session_id
     x, y = torch.randn(4, 3), torch.randn(5, 3)
-    waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
+    waiting = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
     time.sleep(0.3)  # rank 0's contribution is in Redis
     redis_server.kill()
     with pytest.raises(grpc.RpcError) as err:
@@ -240,8 +228,8 @@ def test_redis_lost_mid_step_is_unavailable_and_the_step_applies_once(
     )
     redis_server.restart()
     # rank 0 sends its step again (rejoining its contribution, kept by Redis), rank 1 arrives
-    again = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
-    second = b.Normalize(_request(sid, y, 1, 0), timeout=30)
+    again = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
+    second = b.Normalize(sync_request(sid, y, 1, 0), timeout=30)
     first = again.result()
     assert first.version == second.version == 2 and first.mean == second.mean
     ref = torch.nn.functional.batch_norm(torch.cat([x, y]), None, None, training=True)
@@ -265,41 +253,29 @@ def test_a_combine_error_reaches_every_replica(
             "input.shape: batch statistics need more than 1 value per channel over the group, got 1"
         )
         with unchanged(client, sid):
-            waiting = a.Normalize.future(_request(sid, one, 0, 0), timeout=30)
+            waiting = a.Normalize.future(sync_request(sid, one, 0, 0), timeout=30)
             for call in (
-                lambda: b.Normalize(_request(sid, empty, 1, 0), timeout=30),
+                lambda: b.Normalize(sync_request(sid, empty, 1, 0), timeout=30),
                 waiting.result,
             ):
                 with expect_status(grpc.StatusCode.INVALID_ARGUMENT, message):
                     call()
         x, y = torch.randn(2, 3), torch.randn(3, 3)
-        first = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
-        assert b.Normalize(_request(sid, y, 1, 0), timeout=30).version == 2
+        first = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
+        assert b.Normalize(sync_request(sid, y, 1, 0), timeout=30).version == 2
         assert first.result().version == 2
 
 
 def test_a_stream_leaving_aborts_the_step_on_the_other_replica(
     pair: tuple[Server, Server], stubs: tuple[pb_grpc.NormalizerStub, ...]
 ) -> None:
-    from tests.grpc.test_sync_stream import _chunks
-
     a, b = stubs
     with Client(pair[0].address, timeout=30) as client:
         sid = client.create_session(3, sync_participants=3, sync_timeout=60).session_id
         x = torch.randn(4, 3)
-        waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
-        leaving = b.NormalizeStream(iter(_chunks(sid, x, 1, 0)), timeout=30)
-        time.sleep(0.3)  # its chunked batch is complete and waits for rank 2
-        t0 = time.perf_counter()
-        leaving.cancel()
-        with expect_status(
-            grpc.StatusCode.ABORTED,
-            f"participant 1 left forward step 0 of session {sid!r} (its call was cancelled); "
-            "nothing was applied, send the step again",
-        ):
-            waiting.result()
-        assert time.perf_counter() - t0 < 5  # not the 60 s timeout
-        assert client.get_session(sid).version == 1
+        waiting = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
+        leaving = b.NormalizeStream(iter(sync_chunks(sid, x, 1, 0)), timeout=30)
+        leaving_aborts_the_step(client, sid, waiting, leaving)
 
 
 def test_a_dead_combiner_is_taken_over(
@@ -318,7 +294,7 @@ def test_a_dead_combiner_is_taken_over(
     with Client(pair[0].address, timeout=30) as client:
         sid = client.create_session(3, sync_participants=2, sync_timeout=30).session_id
     x, y = torch.randn(3, 3), torch.randn(4, 3) + 2
-    waiting = a.Normalize.future(_request(sid, x, 0, 0), timeout=30)
+    waiting = a.Normalize.future(sync_request(sid, x, 0, 0), timeout=30)
     r = redis.Redis.from_url(redis_server.url)
     keys: list[bytes] = []
     deadline = time.monotonic() + 10
@@ -334,7 +310,7 @@ def test_a_dead_combiner_is_taken_over(
     ref = torch.nn.functional.batch_norm(torch.cat([x, y]), None, None, training=True)
     assert (tensor_from_proto(first.output, "o") - ref[:3]).abs().max() < 1e-5
     # rank 1 sends its step again (its replica never answered): the step's answer
-    second = b.Normalize(_request(sid, y, 1, 0), timeout=30)
+    second = b.Normalize(sync_request(sid, y, 1, 0), timeout=30)
     assert second.replayed and second.version == 2 and second.mean == first.mean
     assert (tensor_from_proto(second.output, "o") - ref[3:]).abs().max() < 1e-5
     r.close()

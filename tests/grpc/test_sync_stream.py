@@ -17,25 +17,7 @@ from normserve.server import Server
 from normserve.v1 import normserve_pb2 as pb
 from normserve.v1 import normserve_pb2_grpc as pb_grpc
 from normserve.wire import tensor_from_proto, tensor_to_proto
-from tests.grpc._util import expect_status, unchanged
-
-
-def _chunks(
-    sid: str, x: torch.Tensor, rank: int | None, step: int, rows: int = 1
-) -> list[pb.NormalizeStreamRequest]:
-    """One TRAIN batch as chunk requests of ``rows`` rows each; the first names the sync."""
-    reqs = []
-    starts = list(range(0, x.shape[0], rows))
-    for i, start in enumerate(starts):
-        req = pb.NormalizeStreamRequest(
-            chunk=tensor_to_proto(x[start : start + rows]), end_of_batch=i == len(starts) - 1
-        )
-        if i == 0:
-            req.session_id, req.mode = sid, pb.MODE_TRAIN
-            if rank is not None:
-                req.sync.CopyFrom(pb.SyncStep(rank=rank, step=step))
-        reqs.append(req)
-    return reqs
+from tests.grpc._util import expect_status, leaving_aborts_the_step, sync_chunks, unchanged
 
 
 def _answers(stub: pb_grpc.NormalizerStub, reqs: list[pb.NormalizeStreamRequest]) -> list:
@@ -107,20 +89,20 @@ def test_the_rules_on_streams(server: Server, client: Client, stub: pb_grpc.Norm
             f"forward step 0 of session {sid!r}: 1 of 2 participants (ranks 1) did not arrive "
             "within 0.3 seconds; nothing was applied",
         ):
-            _answers(stub, _chunks(sid, x, 0, 0))
+            _answers(stub, sync_chunks(sid, x, 0, 0))
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"sync.rank: must be in [0, 2) for the 2 participants of session {sid!r}, got 2",
         ):
-            _answers(stub, _chunks(sid, x, 2, 0))
+            _answers(stub, sync_chunks(sid, x, 2, 0))
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"mode: session {sid!r} is synchronized over 2 participants: a TRAIN call must name "
             "its rank and step (NormalizeRequest.sync, or NormalizeStreamRequest.sync on a "
             "stream)",
         ):
-            _answers(stub, _chunks(sid, x, None, 0))
-        reqs = _chunks(sid, x, 0, 0)
+            _answers(stub, sync_chunks(sid, x, None, 0))
+        reqs = sync_chunks(sid, x, 0, 0)
         reqs[2].sync.CopyFrom(pb.SyncStep(rank=1, step=0))
         with expect_status(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -133,7 +115,7 @@ def test_the_rules_on_streams(server: Server, client: Client, stub: pb_grpc.Norm
         grpc.StatusCode.INVALID_ARGUMENT,
         f"sync: session {plain!r} is not synchronized (its config has no sync group); send no sync",
     ):
-        _answers(stub, _chunks(plain, x, 0, 0))
+        _answers(stub, sync_chunks(plain, x, 0, 0))
     # a unary rank 0 waits at step 1; a stream claiming rank 0 too is refused
     pending = stub.Normalize.future(
         pb.NormalizeRequest(
@@ -150,13 +132,13 @@ def test_the_rules_on_streams(server: Server, client: Client, stub: pb_grpc.Norm
         f"sync.rank: rank 0 already arrived at forward step 1 of session {sid!r}, which is still "
         "waiting for others: each participant needs a rank of its own",
     ):
-        _answers(stub, _chunks(sid, x, 0, 1))
-    second = _answers(stub, _chunks(sid, x, 1, 1, rows=3))  # chunks of 3 and 1 rows
+        _answers(stub, sync_chunks(sid, x, 0, 1))
+    second = _answers(stub, sync_chunks(sid, x, 1, 1, rows=3))  # chunks of 3 and 1 rows
     first = pending.result()
     assert len(second) == 2 and second[-1].end_of_batch
     assert first.version == second[0].version == 2 and not second[0].replayed
     assert first.mean == second[0].mean
-    retry = _answers(stub, _chunks(sid, x, 1, 1))
+    retry = _answers(stub, sync_chunks(sid, x, 1, 1))
     assert retry[0].replayed and retry[0].version == 2 and retry[0].mean == second[0].mean
     assert torch.equal(_output(retry), _output(second))
     assert client.get_session(sid).version == 2
@@ -165,7 +147,7 @@ def test_the_rules_on_streams(server: Server, client: Client, stub: pb_grpc.Norm
         f"sync.step: step 0 of session {sid!r} is stale: step 1 has completed, and only the last "
         "8 completed steps are answered again",
     ):
-        _answers(stub, _chunks(sid, x, 0, 0))
+        _answers(stub, sync_chunks(sid, x, 0, 0))
 
 
 def test_a_stream_whose_client_leaves_fails_the_step_at_once(
@@ -182,18 +164,8 @@ def test_a_stream_whose_client_leaves_fails_the_step_at_once(
         ),
         timeout=30,
     )
-    leaving = stub.NormalizeStream(iter(_chunks(sid, x, 1, 0)), timeout=30)
-    time.sleep(0.2)  # its batch is complete and waits for rank 2
-    t0 = time.perf_counter()
-    leaving.cancel()
-    with expect_status(
-        grpc.StatusCode.ABORTED,
-        f"participant 1 left forward step 0 of session {sid!r} (its call was cancelled); "
-        "nothing was applied, send the step again",
-    ):
-        waiting.result()
-    assert time.perf_counter() - t0 < 5  # not the 60 s timeout
-    assert client.get_session(sid).version == 1
+    leaving = stub.NormalizeStream(iter(sync_chunks(sid, x, 1, 0)), timeout=30)
+    leaving_aborts_the_step(client, sid, waiting, leaving)
     # the step runs again, streamed and unary together
     again = stub.Normalize.future(
         pb.NormalizeRequest(
@@ -204,7 +176,7 @@ def test_a_stream_whose_client_leaves_fails_the_step_at_once(
         ),
         timeout=30,
     )
-    streams = [stub.NormalizeStream(iter(_chunks(sid, x, r, 0)), timeout=30) for r in (1, 2)]
+    streams = [stub.NormalizeStream(iter(sync_chunks(sid, x, r, 0)), timeout=30) for r in (1, 2)]
     answers = [list(s) for s in streams]
     assert again.result().version == 2 and {a[0].version for a in answers} == {2}
 
